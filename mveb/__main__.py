@@ -1,0 +1,3 @@
+from mveb.cli import main
+
+raise SystemExit(main())

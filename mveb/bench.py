@@ -1,0 +1,25 @@
+"""`mveb bench loader|kernels|step|all`: where the time goes, side by side in one run."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+from mveb.errors import not_implemented
+
+AddArgs = Callable[[argparse.ArgumentParser], None]
+
+
+def register(sub: argparse._SubParsersAction, *, loader: AddArgs, kernels: AddArgs, step: AddArgs) -> None:
+    p = sub.add_parser("bench", help="throughput benchmarks: loader, kernels, step, all")
+    bsub = p.add_subparsers(dest="bench", metavar="WHAT", parser_class=type(p))
+    bsub.required = True
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    loader(bsub.add_parser("loader", help="images/s per input pipeline backend", formatter_class=fmt))
+    kernels(bsub.add_parser("kernels", help="MVEB loss ms and memory per implementation", formatter_class=fmt))
+    step(bsub.add_parser("step", help="training-step samples/s with a per-phase breakdown", formatter_class=fmt))
+    a = bsub.add_parser("all", help="loader, kernels and step in one run: markdown table, JSON, PNG", formatter_class=fmt)
+    a.add_argument("--device", default="auto")
+    a.add_argument("--data", default=None, help="ImageFolder for the loader benchmarks (default: the demo set)")
+    a.add_argument("--out", default="bench-results", help="folder for summary.md, results.json, chart.png")
+    a.set_defaults(func=lambda a: not_implemented("bench all"))

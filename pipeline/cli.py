@@ -1,0 +1,40 @@
+"""`mveb validate`, `mveb shards` and the arguments of `mveb bench loader`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from mveb.errors import not_implemented
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="decode every image of an ImageFolder tree and report broken files",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--src", required=True, help="ImageFolder root (one subfolder per class)")
+    p.add_argument("--report", default=None, help="JSON report path (default: SRC/../<name>.validate.json)")
+    p.add_argument("--fix-list", default=None, help="write the list of decodable files (DALI file_list format)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes")
+    p.set_defaults(func=lambda a: not_implemented("validate"))
+
+    p = sub.add_parser("shards", help="build an FFCV .beton shard from an ImageFolder tree",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--src", required=True, help="ImageFolder root (one subfolder per class)")
+    p.add_argument("--out", required=True, help="output .beton path; a report is written beside it")
+    p.add_argument("--max-res", type=int, default=256, help="longest side after resizing")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of stored images")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="writer processes")
+    p.add_argument("--limit", type=int, default=None, help="write at most this many images")
+    p.add_argument("--classes", default=None, help="file with one class folder name per line (fixes label order)")
+    p.set_defaults(func=lambda a: not_implemented("shards"))
+
+
+def add_bench_loader_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="ImageFolder root")
+    p.add_argument("--backends", default="ffcv,dali,torch", help="comma-separated backends to compare")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--seconds", type=float, default=20.0, help="timed seconds per backend after warm-up")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--json", default=None, help="write results as JSON here")
+    p.set_defaults(func=lambda a: not_implemented("bench loader"))

@@ -1,0 +1,51 @@
+"""Shared fixtures: real photos (the demo set) and the gpu/slurm markers' skip rules."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    no_gpu = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+    no_slurm = pytest.mark.skip(reason="local SLURM cluster is not up (run slurm/cluster/up.sh, or make test)")
+    slurm_up = _slurm_up()
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "slurm" in item.keywords and not slurm_up:
+            item.add_marker(no_slurm)
+
+
+def _slurm_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and any(s.strip() in ("idle", "mix", "alloc") for s in out.stdout.split())
+
+
+@pytest.fixture(scope="session")
+def photo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo real-photo set: root/train/<class>/*.jpg and root/val/<class>/*.jpg."""
+    from pipeline.demo_photos import build_photo_folder
+
+    return build_photo_folder(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture(scope="session")
+def photo_train(photo_root: Path) -> Path:
+    return photo_root / "train"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_threads() -> None:
+    # Two cores here: keep torch from oversubscribing when loaders spawn workers.
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

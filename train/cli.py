@@ -1,0 +1,56 @@
+"""`mveb pretrain|knn|lineval|export|report` and the arguments of `mveb bench step`."""
+
+from __future__ import annotations
+
+import argparse
+
+from mveb.errors import not_implemented
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("pretrain", help="MVEB pretraining (single process, or one rank under SLURM/torchrun)",
+                       formatter_class=fmt)
+    p.add_argument("--config", default="imagenet_rn50", choices=["imagenet_rn50", "demo"], help="recipe preset")
+    p.add_argument("--data", required=True, help="ImageFolder root or .beton shard")
+    p.add_argument("--out", required=True, help="run folder; rerunning resumes from its newest checkpoint")
+    p.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    p.add_argument("--epochs", type=int, default=None, help="schedule length in epochs (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=None, help="per-GPU (per-process) batch size")
+    p.add_argument("--loader", default=None, choices=["ffcv", "dali", "torch"], help="input pipeline backend")
+    p.add_argument("--resume", default="auto", help="auto (newest checkpoint in --out) or a checkpoint path")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override any config field")
+    p.set_defaults(func=lambda a: not_implemented("pretrain"))
+
+    for name, what in (("knn", "weighted kNN accuracy (k=200, T=0.1) of a backbone"),
+                       ("lineval", "linear evaluation on frozen backbone features")):
+        p = sub.add_parser(name, help=what, formatter_class=fmt)
+        p.add_argument("--checkpoint", default=None, help="run folder, checkpoint or exported backbone; none = random init")
+        p.add_argument("--train", required=True, help="labelled ImageFolder or .beton for the memory bank / head")
+        p.add_argument("--val", required=True, help="labelled ImageFolder or .beton to score")
+        p.add_argument("--arch", default="resnet50", help="torchvision ResNet name")
+        p.add_argument("--image-size", type=int, default=224)
+        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument("--device", default="auto")
+        p.add_argument("--json", default=None, help="write the result as JSON here")
+        p.set_defaults(func=lambda a, n=name: not_implemented(n))
+
+    p = sub.add_parser("export", help="write the backbone as a torchvision resnet state_dict", formatter_class=fmt)
+    p.add_argument("run", help="run folder or checkpoint")
+    p.add_argument("--out", required=True, help="output .pth")
+    p.set_defaults(func=lambda a: not_implemented("export"))
+
+    p = sub.add_parser("report", help="render PNG plots (loss, lr, throughput, data wait) of a run", formatter_class=fmt)
+    p.add_argument("run", help="run folder holding metrics.jsonl")
+    p.set_defaults(func=lambda a: not_implemented("report"))
+
+
+def add_bench_step_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    p.add_argument("--batch-size", type=int, default=None, help="per-GPU batch (default 256 on CUDA, 8 on CPU)")
+    p.add_argument("--loader", default="synthetic", help="synthetic, ffcv, dali, torch or a comma list")
+    p.add_argument("--data", default=None, help="ImageFolder for the real loaders")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    p.add_argument("--steps", type=int, default=None, help="timed steps")
+    p.add_argument("--json", default=None, help="write results as JSON here")
+    p.set_defaults(func=lambda a: not_implemented("bench step"))
