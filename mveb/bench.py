@@ -10,16 +10,27 @@ from mveb.errors import not_implemented
 AddArgs = Callable[[argparse.ArgumentParser], None]
 
 
-def register(sub: argparse._SubParsersAction, *, loader: AddArgs, kernels: AddArgs, step: AddArgs) -> None:
+def register(sub: argparse._SubParsersAction, *, loader: AddArgs, kernels: AddArgs) -> None:
     p = sub.add_parser("bench", help="throughput benchmarks: loader, kernels, step, all")
     bsub = p.add_subparsers(dest="bench", metavar="WHAT", parser_class=type(p))
     bsub.required = True
     fmt = argparse.ArgumentDefaultsHelpFormatter
     loader(bsub.add_parser("loader", help="images/s per input pipeline backend", formatter_class=fmt))
     kernels(bsub.add_parser("kernels", help="MVEB loss ms and memory per implementation", formatter_class=fmt))
-    step(bsub.add_parser("step", help="training-step samples/s with a per-phase breakdown", formatter_class=fmt))
+    add_step_args(bsub.add_parser("step", help="training-step samples/s with a per-phase breakdown", formatter_class=fmt))
     a = bsub.add_parser("all", help="loader, kernels and step in one run: markdown table, JSON, PNG", formatter_class=fmt)
     a.add_argument("--device", default="auto")
     a.add_argument("--data", default=None, help="ImageFolder for the loader benchmarks (default: the demo set)")
     a.add_argument("--out", default="bench-results", help="folder for summary.md, results.json, chart.png")
     a.set_defaults(func=lambda a: not_implemented("bench all"))
+
+
+def add_step_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    p.add_argument("--batch-size", type=int, default=None, help="per-GPU batch (default 256 on CUDA, 8 on CPU)")
+    p.add_argument("--loader", default="synthetic", help="synthetic, ffcv, dali, torch or a comma list")
+    p.add_argument("--data", default=None, help="ImageFolder for the real loaders")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    p.add_argument("--steps", type=int, default=None, help="timed steps")
+    p.add_argument("--json", default=None, help="write results as JSON here")
+    p.set_defaults(func=lambda a: not_implemented("bench step"))

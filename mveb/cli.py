@@ -31,8 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     pipeline_cli.register(sub)
     train_cli.register(sub)
-    bench.register(sub, loader=pipeline_cli.add_bench_loader_args, kernels=kernels_cli.add_bench_kernels_args,
-                   step=train_cli.add_bench_step_args)
+    bench.register(sub, loader=pipeline_cli.add_bench_loader_args, kernels=kernels_cli.add_bench_kernels_args)
     demo.register(sub)
     return parser
 

@@ -1,4 +1,4 @@
-"""`mveb pretrain|knn|lineval|export|report` and the arguments of `mveb bench step`."""
+"""`mveb pretrain|knn|lineval|export|report`."""
 
 from __future__ import annotations
 
@@ -44,13 +44,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run folder holding metrics.jsonl")
     p.set_defaults(func=lambda a: not_implemented("report"))
 
-
-def add_bench_step_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    p.add_argument("--batch-size", type=int, default=None, help="per-GPU batch (default 256 on CUDA, 8 on CPU)")
-    p.add_argument("--loader", default="synthetic", help="synthetic, ffcv, dali, torch or a comma list")
-    p.add_argument("--data", default=None, help="ImageFolder for the real loaders")
-    p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
-    p.add_argument("--steps", type=int, default=None, help="timed steps")
-    p.add_argument("--json", default=None, help="write results as JSON here")
-    p.set_defaults(func=lambda a: not_implemented("bench step"))
