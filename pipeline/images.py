@@ -1,0 +1,126 @@
+"""Finding and opening the images of an ImageFolder tree, the same way for every tool.
+
+Every backend must see the same pixels for the same file, so opening (EXIF rotation,
+mode conversion to 8-bit RGB) lives here once: the validator, the shard writer and the
+reference loader all call `open_rgb`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from mveb.errors import UsageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+
+# PIL refuses images over ~179 Mpx as decompression bombs. A training set is the user's own
+# data, and a 200 Mpx panorama is a real (if silly) photo, so only refuse what cannot fit
+# in memory comfortably (1 Gpx is 3 GB of RGB).
+Image.MAX_IMAGE_PIXELS = 1 << 30
+
+Sample = tuple[str, int]  # (path, label)
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def find_classes(root: str | Path, classes: list[str] | None = None) -> list[str]:
+    """Class folder names of an ImageFolder root, sorted (or as given), with clear errors."""
+    root = Path(root)
+    if not root.exists():
+        raise UsageError(f"{root} does not exist; pass an ImageFolder root (one subfolder per class)")
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a folder; pass an ImageFolder root (one subfolder per class)")
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if classes is None:
+        if not found:
+            loose = any(is_image_name(e.name) for e in os.scandir(root) if e.is_file())
+            hint = " (it holds images directly: move them into one subfolder per class)" if loose else ""
+            raise UsageError(f"{root} has no class subfolders{hint}; expected ROOT/<class>/<image>")
+        return found
+    missing = [c for c in classes if c not in found]
+    if missing:
+        raise UsageError(f"class folders listed but not found under {root}: {', '.join(missing[:5])}")
+    return list(classes)
+
+
+def list_image_folder(root: str | Path, classes: list[str] | None = None) -> tuple[list[str], list[Sample]]:
+    """(classes, [(path, label), ...]) of an ImageFolder tree, files sorted within each class.
+
+    Raises UsageError for a missing path, a file, a folder without class subfolders, or a
+    tree with no image files at all.
+    """
+    root = Path(root)
+    classes = find_classes(root, classes)
+    samples: list[Sample] = []
+    for label, cls in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
+            dirnames.sort()
+            samples += [(os.path.join(dirpath, f), label) for f in sorted(filenames) if is_image_name(f)]
+    if not samples:
+        raise UsageError(f"{root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)}, any case)")
+    return classes, samples
+
+
+def read_class_file(path: str | Path) -> list[str]:
+    """One class folder name per line (blank lines and # comments ignored)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise UsageError(f"cannot read class list {path}: {e.strerror}") from None
+    names = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not names:
+        raise UsageError(f"class list {path} is empty")
+    if len(set(names)) != len(names):
+        raise UsageError(f"class list {path} names a class twice")
+    return names
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB; 16/32-bit integer greyscale is scaled, not clipped."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I"):
+        # "I;16*" and "I" (PIL's 16-bit PNG greyscale) span 0..65535; clipping would saturate.
+        a = np.asarray(img).astype(np.uint32)
+        a8 = ((a * 255 + 32767) // 65535).clip(0, 255).astype(np.uint8) if a.max(initial=0) > 255 else a.astype(np.uint8)
+        return Image.fromarray(a8, "L").convert("RGB")
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        scale = 255.0 if a.max(initial=0) <= 1.0 else 1.0
+        return Image.fromarray((a * scale).clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Fully decode one file as an upright 8-bit RGB image; raises on anything undecodable."""
+    with Image.open(path) as img:
+        # exif_transpose returns a detached copy, so the result outlives the open file.
+        return to_rgb8(ImageOps.exif_transpose(img))
+
+
+def why_undecodable(path: str | Path) -> str | None:
+    """None when `open_rgb` succeeds, else one line saying why it fails."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        img = open_rgb(path)
+        if img.width < 1 or img.height < 1:
+            return "image has no pixels"
+    except Image.UnidentifiedImageError:
+        return "not an image (unrecognised format)"
+    except Image.DecompressionBombError as e:
+        return f"too large: {e}"
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        msg = str(e) or type(e).__name__
+        return f"undecodable: {msg}"
+    except MemoryError:
+        return "too large to decode in memory"
+    return None
