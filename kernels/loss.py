@@ -1,0 +1,85 @@
+"""The MVEB loss for all V views at once, with a closed-form backward.
+
+Per view (DESIGN.md, "MVEB math"), with M = (K + eta I)^{-1} diag(K 1) / tau:
+    score = -M Z,   entropy = -mean_b <score_b, z_b> = sum_ij M_ij S_ij / B,
+so the forward needs only B x B matrices and the backward one GEMM, M Z, per view:
+    d loss / d z_v = -(target_v + lam M_v z_v) / (V B).
+The row dots <z, d loss / d z> that the normalization's backward needs are also known from
+the forward (the align row dots and the row sums of M * S), so the backward is one pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernels.torch_ops import TorchOps, ieee_fp32_matmul
+
+_TORCH = TorchOps()
+
+
+def score_operator(
+    s: torch.Tensor, eta: float, min_tau: float, ops: TorchOps
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M [V, B, B], tau [V]) for Gram matrices S [V, B, B] of unit rows; score = -M Z."""
+    views, b, _ = s.shape
+    tau = (1 - ops.kth_smallest(s, b * b // 2)).clamp_min(min_tau)
+    a, r = ops.kernel_matrix(s, tau, eta)
+    p, info = ops.spd_inverse(a)
+    failed = torch.nonzero(info).flatten().tolist()
+    if failed:
+        p = p.clone()
+        p[failed] = _retry_fp64(s[failed], tau[failed], eta).to(p.dtype)
+    return p * (r / tau[:, None])[:, None, :], tau
+
+
+def _retry_fp64(s: torch.Tensor, tau: torch.Tensor, eta: float) -> torch.Tensor:
+    """The views whose fp32 Cholesky failed, redone in fp64; NaN where even that fails."""
+    a, _ = _TORCH.kernel_matrix(s.double(), tau.double(), eta)
+    p, info = _TORCH.spd_inverse(a)
+    return p.masked_fill((info != 0)[:, None, None], math.nan)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp64 stays fp64 (tests compare to the literal form at 1e-10); everything else runs in fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class MvebLossFunction(torch.autograd.Function):
+    """(loss, align, mean entropy, tau) from online [V, B, D] and targets [2, B, D]."""
+
+    @staticmethod
+    def forward(ctx, online, targets, lam, eta, min_tau, ops):  # type: ignore[override]
+        with torch.autocast(online.device.type, enabled=False):
+            views, b, _ = online.shape
+            z, norms, t, rowdot = ops.normalize_align(online, targets, compute_dtype(online))
+            s = ops.gram(z)
+            m, tau = score_operator(s, eta, min_tau, ops)
+            ms = (m * s).sum(dim=-1)
+            align = rowdot.sum() / b
+            entropy = ms.sum(dim=-1) / b
+            loss = -(align + lam * entropy.sum()) / views
+            entropy_mean = entropy.mean()
+        ctx.save_for_backward(z, norms, t, m, rowdot + lam * ms)
+        ctx.lam, ctx.ops, ctx.in_dtype = lam, ops, online.dtype
+        ctx.mark_non_differentiable(align, entropy_mean, tau)
+        return loss, align, entropy_mean, tau
+
+    @staticmethod
+    def backward(ctx, grad_loss, _align, _entropy, _tau):  # type: ignore[override]
+        z, norms, t, m, dots = ctx.saved_tensors
+        views, b, _ = z.shape
+        scale = -grad_loss.to(z.dtype) / (views * b)
+        with torch.autocast(z.device.type, enabled=False):
+            grad = ctx.ops.grad_online(m, z, t, scale * dots, norms, scale, ctx.lam)
+        return grad.to(ctx.in_dtype), None, None, None, None, None
+
+
+def entropy_score_batched(x: torch.Tensor, eta: float, min_tau: float, ops: TorchOps) -> torch.Tensor:
+    """-M X for unit rows x [V, B, D], computed in fp32 (fp64 for fp64 input)."""
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        z = x.to(compute_dtype(x))
+        m, _ = score_operator(ops.gram(z), eta, min_tau, ops)
+        with ieee_fp32_matmul():
+            return -torch.bmm(m, z)

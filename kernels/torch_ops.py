@@ -1,0 +1,93 @@
+"""The batched building blocks of the MVEB loss in plain PyTorch: all V views in each op.
+
+`TorchOps` is the op set the autograd Function in kernels/loss.py calls; the Triton op set
+(kernels/triton_ops.py) overrides the steps it fuses and inherits the rest, so both share
+one Cholesky, one retry policy and one closed-form backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul() -> Iterator[None]:
+    """fp32 GEMMs with IEEE products inside: exp(S / tau) amplifies a TF32 error in S by 1 / tau."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
+def view_weights(views: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[V, 2] weights of (t_1, t_2) in each view's alignment target: (0,1), (1,0), (1/2,1/2)..."""
+    w = torch.full((views, 2), 0.5, dtype=dtype, device=device)
+    w[0] = torch.tensor([0.0, 1.0])
+    w[1] = torch.tensor([1.0, 0.0])
+    return w
+
+
+class TorchOps:
+    """Every step as batched PyTorch ops; works on any device and in fp32 or fp64."""
+
+    name = "torch"
+
+    def normalize_align(
+        self, online: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z = online / |online|, t = targets / |targets|, norms [V, B], rowdot[v, b] = <z_vb, target_vb>."""
+        o = online.to(dtype)
+        norms = o.norm(dim=-1).clamp_min(1e-12)
+        z = o / norms[..., None]
+        t = targets.to(dtype)
+        t = t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        zt = torch.einsum("vbd,jbd->vbj", z, t)
+        rowdot = (zt * view_weights(z.shape[0], dtype, z.device)[:, None, :]).sum(dim=-1)
+        return z, norms, t, rowdot
+
+    def gram(self, z: torch.Tensor) -> torch.Tensor:
+        with ieee_fp32_matmul():
+            return torch.bmm(z, z.transpose(1, 2))
+
+    def kth_smallest(self, s: torch.Tensor, k: int) -> torch.Tensor:
+        """The k-th smallest (1-based) of each view's B*B entries; sort beats kthvalue on CUDA."""
+        flat = s.flatten(1)
+        if flat.is_cuda:
+            return flat.sort(dim=1).values[:, k - 1]
+        return flat.kthvalue(k, dim=1).values
+
+    def kernel_matrix(self, s: torch.Tensor, tau: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """A = exp((S - 1) / tau) + eta exp(-1 / tau) I and r = exp((S - 1) / tau) 1.
+
+        Scaling K and eta by exp(-1 / tau) leaves the score unchanged and keeps exp <= 1.
+        """
+        k = torch.exp((s - 1) / tau[:, None, None])
+        r = k.sum(dim=-1)
+        k.diagonal(dim1=1, dim2=2).add_((eta * torch.exp(-1 / tau))[:, None])
+        return k, r
+
+    def spd_inverse(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A^{-1}, info) by Cholesky and the inverse of the B x B factor: no D-wide solve."""
+        factor, info = torch.linalg.cholesky_ex(a)
+        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device).expand_as(a)
+        linv = torch.linalg.solve_triangular(factor, eye, upper=False)
+        with ieee_fp32_matmul():
+            return torch.bmm(linv.transpose(1, 2), linv), info
+
+    def grad_online(
+        self, m: torch.Tensor, z: torch.Tensor, t: torch.Tensor, c: torch.Tensor, norms: torch.Tensor, scale: float, lam: float
+    ) -> torch.Tensor:
+        """d loss / d online: dz = scale (target + lam M z), then through the normalization.
+
+        scale = -grad / (V B); c[v, b] = <z_vb, dz_vb>, known from the forward.
+        """
+        w = view_weights(z.shape[0], z.dtype, z.device)
+        with ieee_fp32_matmul():
+            dz = torch.baddbmm(torch.einsum("vj,jbd->vbd", w, t), m, z, alpha=lam) * scale
+        return (dz - z * c[..., None]) / norms[..., None]
