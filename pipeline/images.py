@@ -63,8 +63,18 @@ def list_image_folder(root: str | Path, classes: list[str] | None = None) -> tup
             dirnames.sort()
             samples += [(os.path.join(dirpath, f), label) for f in sorted(filenames) if is_image_name(f)]
     if not samples:
-        raise UsageError(f"{root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)}, any case)")
+        check_image_folder(root)
     return classes, samples
+
+
+def check_image_folder(root: str | Path) -> None:
+    """Cheap up-front check (stops at the first image): raises UsageError like list_image_folder."""
+    root = Path(root)
+    for cls in find_classes(root):
+        for _, _, filenames in os.walk(root / cls, followlinks=True):
+            if any(is_image_name(f) for f in filenames):
+                return
+    raise UsageError(f"{root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)}, any case)")
 
 
 def read_class_file(path: str | Path) -> list[str]:
