@@ -21,22 +21,24 @@ _TORCH = TorchOps()
 
 def score_operator(
     s: torch.Tensor, eta: float, min_tau: float, ops: TorchOps
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M [V, B, B], tau [V]) for Gram matrices S [V, B, B] of unit rows; score = -M Z."""
-    views, b, _ = s.shape
-    tau = (1 - ops.kth_smallest(s, b * b // 2)).clamp_min(min_tau)
-    a, r = ops.kernel_matrix(s, tau, eta)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(M [V, B, B], row sums of M * S [V, B], tau [V]) for Gram matrices S of unit rows.
+
+    score = -M Z. A view whose fp32 Cholesky fails is redone in fp64 (one host sync).
+    """
+    a, r, tau = ops.kernel_matrix(s, eta, min_tau)
     p, info = ops.spd_inverse(a)
     failed = torch.nonzero(info).flatten().tolist()
     if failed:
         p = p.clone()
         p[failed] = _retry_fp64(s[failed], tau[failed], eta).to(p.dtype)
-    return p * (r / tau[:, None])[:, None, :], tau
+    m, ms = ops.operator(p, r, tau, s)
+    return m, ms, tau
 
 
 def _retry_fp64(s: torch.Tensor, tau: torch.Tensor, eta: float) -> torch.Tensor:
     """The views whose fp32 Cholesky failed, redone in fp64; NaN where even that fails."""
-    a, _ = _TORCH.kernel_matrix(s.double(), tau.double(), eta)
+    a, _ = _TORCH.exp_kernel(s.double(), tau.double(), eta)
     p, info = _TORCH.spd_inverse(a)
     return p.masked_fill((info != 0)[:, None, None], math.nan)
 
@@ -55,8 +57,7 @@ class MvebLossFunction(torch.autograd.Function):
             views, b, _ = online.shape
             z, norms, t, rowdot = ops.normalize_align(online, targets, compute_dtype(online))
             s = ops.gram(z)
-            m, tau = score_operator(s, eta, min_tau, ops)
-            ms = (m * s).sum(dim=-1)
+            m, ms, tau = score_operator(s, eta, min_tau, ops)
             align = rowdot.sum() / b
             entropy = ms.sum(dim=-1) / b
             loss = -(align + lam * entropy.sum()) / views
@@ -72,14 +73,14 @@ class MvebLossFunction(torch.autograd.Function):
         views, b, _ = z.shape
         scale = -grad_loss.to(z.dtype) / (views * b)
         with torch.autocast(z.device.type, enabled=False):
-            grad = ctx.ops.grad_online(m, z, t, scale * dots, norms, scale, ctx.lam)
-        return grad.to(ctx.in_dtype), None, None, None, None, None
+            grad = ctx.ops.grad_online(m, z, t, scale * dots, norms, scale, ctx.lam, ctx.in_dtype)
+        return grad, None, None, None, None, None
 
 
 def entropy_score_batched(x: torch.Tensor, eta: float, min_tau: float, ops: TorchOps) -> torch.Tensor:
     """-M X for unit rows x [V, B, D], computed in fp32 (fp64 for fp64 input)."""
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         z = x.to(compute_dtype(x))
-        m, _ = score_operator(ops.gram(z), eta, min_tau, ops)
+        m, _, _ = score_operator(ops.gram(z), eta, min_tau, ops)
         with ieee_fp32_matmul():
             return -torch.bmm(m, z)

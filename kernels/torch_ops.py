@@ -55,14 +55,18 @@ class TorchOps:
         with ieee_fp32_matmul():
             return torch.bmm(z, z.transpose(1, 2))
 
-    def kth_smallest(self, s: torch.Tensor, k: int) -> torch.Tensor:
-        """The k-th smallest (1-based) of each view's B*B entries; sort beats kthvalue on CUDA."""
+    def kernel_matrix(
+        self, s: torch.Tensor, eta: float, min_tau: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A, r, tau): tau = max(min_tau, 1 - k-th smallest of S), k = B*B // 2, then exp_kernel."""
         flat = s.flatten(1)
-        if flat.is_cuda:
-            return flat.sort(dim=1).values[:, k - 1]
-        return flat.kthvalue(k, dim=1).values
+        k = flat.shape[1] // 2
+        # On CUDA a full sort is faster than kthvalue (0.10 vs 0.28 ms, 8 x 256^2, H200).
+        kth = flat.sort(dim=1).values[:, k - 1] if flat.is_cuda else flat.kthvalue(k, dim=1).values
+        tau = (1 - kth).clamp_min(min_tau)
+        return *self.exp_kernel(s, tau, eta), tau
 
-    def kernel_matrix(self, s: torch.Tensor, tau: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def exp_kernel(self, s: torch.Tensor, tau: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """A = exp((S - 1) / tau) + eta exp(-1 / tau) I and r = exp((S - 1) / tau) 1.
 
         Scaling K and eta by exp(-1 / tau) leaves the score unchanged and keeps exp <= 1.
@@ -80,8 +84,16 @@ class TorchOps:
         with ieee_fp32_matmul():
             return torch.bmm(linv.transpose(1, 2), linv), info
 
+    def operator(
+        self, p: torch.Tensor, r: torch.Tensor, tau: torch.Tensor, s: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """M = P diag(r) / tau (score = -M Z) and the row sums of M * S (<-score_b, z_b>)."""
+        m = p * (r / tau[:, None])[:, None, :]
+        return m, (m * s).sum(dim=-1)
+
     def grad_online(
-        self, m: torch.Tensor, z: torch.Tensor, t: torch.Tensor, c: torch.Tensor, norms: torch.Tensor, scale: float, lam: float
+        self, m: torch.Tensor, z: torch.Tensor, t: torch.Tensor, c: torch.Tensor, norms: torch.Tensor,
+        scale: torch.Tensor, lam: float, out_dtype: torch.dtype,
     ) -> torch.Tensor:
         """d loss / d online: dz = scale (target + lam M z), then through the normalization.
 
@@ -90,4 +102,4 @@ class TorchOps:
         w = view_weights(z.shape[0], z.dtype, z.device)
         with ieee_fp32_matmul():
             dz = torch.baddbmm(torch.einsum("vj,jbd->vbd", w, t), m, z, alpha=lam) * scale
-        return (dz - z * c[..., None]) / norms[..., None]
+        return ((dz - z * c[..., None]) / norms[..., None]).to(out_dtype)

@@ -1,0 +1,163 @@
+"""Triton kernels for the MVEB loss: each replaces a chain of batched PyTorch launches.
+
+- normalize_align: one pass over the V online rows and 2 target rows of a sample: unit
+  rows z, t, the norms and the align row dots <z_vb, target_vb>.
+- radix_pass: exact k-th smallest entry of each view's S by a 4-pass, 8-bit radix select
+  on histograms (a few reads of S instead of a full sort of B*B entries).
+- kernel_matrix: the selected value -> tau, then A = exp((S - 1) / tau) + eta' I and its
+  row sums r, in one read of S.
+- operator: M = P diag(r) / tau and the row sums of M * S (the entropy and the row dots
+  the backward needs), in one read of P and S.
+- grad_online: the whole backward, M Z (IEEE fp32 tl.dot) with the alignment target, the
+  scale and the normalization's backward fused into the GEMM epilogue.
+All work in fp32; inputs may be fp32, bf16 or fp16.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+RADIX_BITS = 8
+RADIX_PASSES = 32 // RADIX_BITS
+
+
+@triton.jit
+def _view_weights(v):
+    """(w1, w2): view 1 aligns with t_2, view 2 with t_1, the locals with their mean."""
+    w1 = tl.where(v == 0, 0.0, tl.where(v == 1, 1.0, 0.5))
+    return w1, 1.0 - w1
+
+
+@triton.jit
+def normalize_align_kernel(
+    online_ptr, targets_ptr, z_ptr, t_ptr, norms_ptr, rowdot_ptr, V, B, D, BLOCK_D: tl.constexpr
+):
+    b = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    t1 = tl.load(targets_ptr + b * D + cols, mask=mask, other=0.0).to(tl.float32)
+    t2 = tl.load(targets_ptr + (B + b) * D + cols, mask=mask, other=0.0).to(tl.float32)
+    t1 = t1 / tl.maximum(tl.sqrt(tl.sum(t1 * t1, axis=0)), 1e-12)
+    t2 = t2 / tl.maximum(tl.sqrt(tl.sum(t2 * t2, axis=0)), 1e-12)
+    tl.store(t_ptr + b * D + cols, t1, mask=mask)
+    tl.store(t_ptr + (B + b) * D + cols, t2, mask=mask)
+    for v in range(V):
+        row = (v * B + b).to(tl.int64) * D
+        o = tl.load(online_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)
+        norm = tl.maximum(tl.sqrt(tl.sum(o * o, axis=0)), 1e-12)
+        z = o / norm
+        tl.store(z_ptr + row + cols, z, mask=mask)
+        tl.store(norms_ptr + v * B + b, norm)
+        w1, w2 = _view_weights(v)
+        tl.store(rowdot_ptr + v * B + b, tl.sum(z * (w1 * t1 + w2 * t2), axis=0))
+
+
+@triton.jit
+def _sortable_key(x):
+    """fp32 -> uint32 whose unsigned order is the float order."""
+    u = x.to(tl.uint32, bitcast=True)
+    flip = tl.where((u >> 31) == 1, 0xFFFFFFFF, 0x80000000).to(tl.uint32)
+    return u ^ flip
+
+
+@triton.jit
+def _selected_prefix(hist_ptr, v, V, k, PASSES: tl.constexpr):
+    """Digits chosen by the first PASSES passes, and the rank still wanted inside them."""
+    bins = tl.arange(0, 1 << 8)
+    prefix = tl.zeros((), dtype=tl.uint32)
+    rank = tl.zeros((), dtype=tl.int32) + k
+    for p in tl.static_range(PASSES):
+        h = tl.load(hist_ptr + (p * V + v) * (1 << 8) + bins)
+        below = tl.cumsum(h, axis=0) < rank
+        digit = tl.sum(below.to(tl.int32), axis=0)
+        rank -= tl.sum(tl.where(below, h, 0), axis=0)
+        prefix = (prefix << 8) | digit.to(tl.uint32)
+    return prefix, rank
+
+
+@triton.jit
+def radix_pass_kernel(s_ptr, hist_ptr, V, N, k, PASS: tl.constexpr, BLOCK: tl.constexpr):
+    v = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < N
+    x = tl.load(s_ptr + v.to(tl.int64) * N + offs, mask=inside, other=0.0)
+    key = _sortable_key(x)
+    if PASS > 0:
+        prefix, _ = _selected_prefix(hist_ptr, v, V, k, PASS)
+        inside = inside & ((key >> (32 - 8 * PASS)) == prefix)
+    digit = ((key >> (24 - 8 * PASS)) & 0xFF).to(tl.int32)
+    h = tl.histogram(digit, 1 << 8, mask=inside)
+    tl.atomic_add(hist_ptr + (PASS * V + v) * (1 << 8) + tl.arange(0, 1 << 8), h, sem="relaxed")
+
+
+@triton.jit
+def kernel_matrix_kernel(
+    s_ptr, hist_ptr, a_ptr, r_ptr, tau_ptr, V, B, k, eta, min_tau,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PASSES: tl.constexpr,
+):
+    v = tl.program_id(0)
+    key, _ = _selected_prefix(hist_ptr, v, V, k, PASSES)
+    bits = key ^ tl.where((key >> 31) == 1, 0x80000000, 0xFFFFFFFF).to(tl.uint32)
+    tau = tl.maximum(1.0 - bits.to(tl.float32, bitcast=True), min_tau)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    base = v.to(tl.int64) * B * B
+    rsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, B, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        mask = (rows[:, None] < B) & (cols[None, :] < B)
+        offs = base + rows[:, None] * B + cols[None, :]
+        kv = tl.exp((tl.load(s_ptr + offs, mask=mask, other=1.0) - 1.0) / tau)
+        kv = tl.where(mask, kv, 0.0)
+        rsum += tl.sum(kv, axis=1)
+        kv += tl.where(rows[:, None] == cols[None, :], eta * tl.exp(-1.0 / tau), 0.0)
+        tl.store(a_ptr + offs, kv, mask=mask)
+    tl.store(r_ptr + v * B + rows, rsum, mask=rows < B)
+    tl.store(tau_ptr + v, tau)
+
+
+@triton.jit
+def operator_kernel(p_ptr, s_ptr, r_ptr, tau_ptr, m_ptr, ms_ptr, B, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    v = tl.program_id(0)
+    inv_tau = 1.0 / tl.load(tau_ptr + v)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    base = v.to(tl.int64) * B * B
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, B, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        mask = (rows[:, None] < B) & (cols[None, :] < B)
+        offs = base + rows[:, None] * B + cols[None, :]
+        scale = tl.load(r_ptr + v * B + cols, mask=cols < B, other=0.0) * inv_tau
+        m = tl.load(p_ptr + offs, mask=mask, other=0.0) * scale[None, :]
+        tl.store(m_ptr + offs, m, mask=mask)
+        acc += tl.sum(m * tl.load(s_ptr + offs, mask=mask, other=0.0), axis=1)
+    tl.store(ms_ptr + v * B + rows, acc, mask=rows < B)
+
+
+@triton.jit
+def grad_online_kernel(
+    m_ptr, z_ptr, t_ptr, c_ptr, norms_ptr, scale_ptr, out_ptr, B, D, lam,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    v = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    zbase = v.to(tl.int64) * B * D
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, B, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        m = tl.load(m_ptr + v.to(tl.int64) * B * B + rows[:, None] * B + ks[None, :],
+                    mask=(rows[:, None] < B) & (ks[None, :] < B), other=0.0)
+        zk = tl.load(z_ptr + zbase + ks[:, None] * D + cols[None, :],
+                     mask=(ks[:, None] < B) & (cols[None, :] < D), other=0.0)
+        acc = tl.dot(m, zk, acc, input_precision="ieee")
+    mask = (rows[:, None] < B) & (cols[None, :] < D)
+    offs = rows[:, None] * D + cols[None, :]
+    w1, w2 = _view_weights(v)
+    target = w1 * tl.load(t_ptr + offs, mask=mask, other=0.0) + w2 * tl.load(t_ptr + B * D + offs, mask=mask, other=0.0)
+    dz = tl.load(scale_ptr) * (target + lam * acc)
+    z = tl.load(z_ptr + zbase + offs, mask=mask, other=0.0)
+    c = tl.load(c_ptr + v * B + rows, mask=rows < B, other=0.0)
+    n = tl.load(norms_ptr + v * B + rows, mask=rows < B, other=1.0)
+    grad = (dz - z * c[:, None]) / n[:, None]
+    tl.store(out_ptr + zbase + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,90 @@
+"""The op set of kernels/torch_ops.py with the fusable steps as Triton kernels (fp32 only).
+
+Cholesky and the B-wide triangular inverse stay on cuSOLVER/cuBLAS (inherited); fp64
+inputs take the inherited PyTorch steps, so tests can still compare at 1e-10.
+Forward: normalize_align (1 launch), Gram (cuBLAS), radix select (1 fill + 4 launches),
+kernel matrix (1), Cholesky and inverse, operator (1). Backward: 1 launch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from kernels import triton_kernels as tk
+from kernels.torch_ops import TorchOps
+
+# Small tiles keep the interpreter (TRITON_INTERPRET=1, CPU tests) fast; GPUs get real tiles.
+_TILE_GPU = {"rows": 32, "cols": 128, "radix": 4096, "gemm_m": 64, "gemm_n": 64, "gemm_k": 32}
+_TILE_CPU = {"rows": 16, "cols": 16, "radix": 256, "gemm_m": 16, "gemm_n": 16, "gemm_k": 16}
+
+
+def _tiles(x: torch.Tensor) -> dict[str, int]:
+    return _TILE_GPU if x.is_cuda else _TILE_CPU
+
+
+class TritonOps(TorchOps):
+    name = "triton"
+
+    def normalize_align(
+        self, online: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if dtype != torch.float32:
+            return super().normalize_align(online, targets, dtype)
+        views, b, d = online.shape
+        online, targets = online.contiguous(), targets.contiguous()
+        z = torch.empty(online.shape, dtype=dtype, device=online.device)
+        t = torch.empty(targets.shape, dtype=dtype, device=online.device)
+        norms = torch.empty((views, b), dtype=dtype, device=online.device)
+        rowdot = torch.empty_like(norms)
+        tk.normalize_align_kernel[(b,)](online, targets, z, t, norms, rowdot, views, b, d,
+                                        BLOCK_D=triton.next_power_of_2(d))
+        return z, norms, t, rowdot
+
+    def kernel_matrix(
+        self, s: torch.Tensor, eta: float, min_tau: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if s.dtype != torch.float32:
+            return super().kernel_matrix(s, eta, min_tau)
+        views, b, _ = s.shape
+        n, k, tiles = b * b, b * b // 2, _tiles(s)
+        s = s.contiguous()
+        hist = torch.zeros((tk.RADIX_PASSES, views, 1 << tk.RADIX_BITS), dtype=torch.int32, device=s.device)
+        for p in range(tk.RADIX_PASSES):
+            tk.radix_pass_kernel[(views, triton.cdiv(n, tiles["radix"]))](s, hist, views, n, k, PASS=p,
+                                                                          BLOCK=tiles["radix"])
+        a = torch.empty_like(s)
+        r = torch.empty((views, b), dtype=s.dtype, device=s.device)
+        tau = torch.empty((views,), dtype=s.dtype, device=s.device)
+        tk.kernel_matrix_kernel[(views, triton.cdiv(b, tiles["rows"]))](
+            s, hist, a, r, tau, views, b, k, eta, min_tau,
+            BLOCK_M=tiles["rows"], BLOCK_N=tiles["cols"], PASSES=tk.RADIX_PASSES)
+        return a, r, tau
+
+    def operator(
+        self, p: torch.Tensor, r: torch.Tensor, tau: torch.Tensor, s: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if s.dtype != torch.float32:
+            return super().operator(p, r, tau, s)
+        views, b, _ = s.shape
+        tiles = _tiles(s)
+        p, s = p.contiguous(), s.contiguous()
+        m = torch.empty_like(p)
+        ms = torch.empty((views, b), dtype=s.dtype, device=s.device)
+        tk.operator_kernel[(views, triton.cdiv(b, tiles["rows"]))](p, s, r, tau, m, ms, b,
+                                                                   BLOCK_M=tiles["rows"], BLOCK_N=tiles["cols"])
+        return m, ms
+
+    def grad_online(
+        self, m: torch.Tensor, z: torch.Tensor, t: torch.Tensor, c: torch.Tensor, norms: torch.Tensor,
+        scale: torch.Tensor, lam: float, out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        if z.dtype != torch.float32:
+            return super().grad_online(m, z, t, c, norms, scale, lam, out_dtype)
+        views, b, d = z.shape
+        tiles = _tiles(z)
+        out = torch.empty(z.shape, dtype=out_dtype, device=z.device)
+        grid = (views, triton.cdiv(b, tiles["gemm_m"]), triton.cdiv(d, tiles["gemm_n"]))
+        tk.grad_online_kernel[grid](m, z, t, c.contiguous(), norms, scale.reshape(1), out, b, d, lam,
+                                    BLOCK_M=tiles["gemm_m"], BLOCK_N=tiles["gemm_n"], BLOCK_K=tiles["gemm_k"])
+        return out
