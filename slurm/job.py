@@ -1,0 +1,71 @@
+"""The callables submitit runs on the cluster: pretraining (requeued on preemption) and shards.
+
+Launching stays apart from training: `TrainJob` only turns the submitit task environment
+into torch.distributed's and calls `train.pretrain.pretrain(cfg)`, which owns checkpoints,
+resume and the stop-at-the-next-step signal handling.
+
+Preemption and time limits, step by step:
+1. SLURM sends SIGUSR2 (120 s before the time limit, `--signal`) or SIGTERM then SIGUSR2
+   (preemption, `job._interrupt()`) to every task.
+2. While training, the trainer's handler catches it; all ranks agree at the step boundary,
+   save one atomic checkpoint and `pretrain` returns with `preempted=True`.
+3. Global rank 0 then hands the signal to submitit's own handler (saved before training),
+   which calls `TrainJob.checkpoint()` and runs `scontrol requeue`. A signal that arrives
+   outside the training loop goes straight to that handler.
+4. The requeued job runs `TrainJob` again with the same run folder; `pretrain` resumes
+   from the newest checkpoint there. Progress lost is at most the last partial step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+import submitit
+
+
+def rendezvous_from_submitit() -> dict[str, str]:
+    """torch.distributed's env:// variables for this task, from submitit's job environment.
+
+    submitit knows the task layout under SLURM and under its LocalExecutor alike, so the
+    trainer sees the torchrun-style variables in both. Every task of a job derives the same
+    port from the job id; jobs sharing a node get different ones.
+    """
+    env = submitit.JobEnvironment()
+    return {"RANK": str(env.global_rank), "WORLD_SIZE": str(env.num_tasks), "LOCAL_RANK": str(env.local_rank),
+            "MASTER_ADDR": env.hostnames[0], "MASTER_PORT": str(20000 + int(env.job_id.split("_")[0]) % 20000)}
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """`pretrain(cfg)` on every task; requeued with the same run folder when interrupted."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config  # Config.to_dict(): plain data, so the pickle survives code changes
+
+    def __call__(self) -> dict[str, Any]:
+        from train.config import Config
+        from train.pretrain import pretrain
+
+        os.environ.update(rendezvous_from_submitit())
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
+        result = pretrain(Config.from_dict(self.config))
+        if result.get("preempted") and os.environ["RANK"] == "0" and callable(requeue):
+            sys.stderr.write(f"checkpoint saved at step {result['step']}; requeueing\n")
+            requeue(signal.SIGUSR2, None)  # calls self.checkpoint(), scontrol requeue, exits
+        return result
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        # Only rank 0 runs this, inside a signal handler: it cannot save a consistent state
+        # across ranks, so it relies on the trainer's latest atomic checkpoint, which the
+        # requeued job's `pretrain` resumes from (run.resume=auto, same run.out).
+        run = {**self.config["run"], "resume": "auto"}
+        return submitit.helpers.DelayedSubmission(TrainJob({**self.config, "run": run}))
+
+
+def shard_job(src: str, out: str, **options: Any) -> dict[str, Any]:
+    """`mveb shards` as a CPU job: one task, its CPUs as writer processes."""
+    from pipeline.shards import build_shard
+
+    return build_shard(src, out, **options)

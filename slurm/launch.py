@@ -1,0 +1,223 @@
+"""Launch MVEB pretraining (or a shard build) on SLURM with submitit.
+
+    python slurm/launch.py --nodes 4 --data /data/imagenet/train_256.beton --out runs/rn50
+        4 nodes x 8 GPUs, one task per GPU: world size 32, 128 per GPU, global batch 4096,
+        LR 0.3 x 4096 / 256 = 4.8. The run folder gets config.json and launch.json; the job
+        requeues itself on preemption or timeout and resumes from the newest checkpoint.
+    python slurm/launch.py --nodes 4 --dry-run       # print the sbatch script, submit nothing
+    python slurm/launch.py --local --gpus-per-node 0 --tasks-per-node 2 --config demo --data DIR
+    python slurm/launch.py shards --src /data/imagenet/train --out /data/imagenet/train.beton
+
+Rerunning the same command with the same --out resumes the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):
+    # Run as a script: import the repository's packages, not this folder's files as top-level modules.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from mveb.cli import OneLineParser  # noqa: E402
+from mveb.errors import UsageError  # noqa: E402
+from slurm.plan import BatchPlan, Resources, batch_plan, parse_time, resources  # noqa: E402
+
+PROG = "python slurm/launch.py"
+
+
+def _add_cluster_args(p: argparse.ArgumentParser, cpus_per_task: int, time: str) -> None:
+    g = p.add_argument_group("SLURM")
+    g.add_argument("--partition", default=None)
+    g.add_argument("--account", default=None)
+    g.add_argument("--qos", default=None)
+    g.add_argument("--time", default=time, help="time limit: HH:MM:SS, D-HH:MM:SS or minutes")
+    g.add_argument("--cpus-per-task", type=int, default=cpus_per_task, help="CPUs per task (data loading workers)")
+    g.add_argument("--mem", default=None, help="memory per node, as sbatch --mem (e.g. 480G)")
+    g.add_argument("--constraint", default=None, help="node features, as sbatch --constraint")
+    g.add_argument("--exclude", default=None, help="nodes to avoid, as sbatch --exclude")
+    g.add_argument("--dry-run", action="store_true", help="print the sbatch script and the plan; submit nothing")
+    g.add_argument("--local", action="store_true",
+                   help="run on this machine with submitit's LocalExecutor (one node) and wait for the result")
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, one task each; 0 = CPU tasks (default 8)")
+    p.add_argument("--tasks-per-node", type=int, default=None, help="tasks per node with --gpus-per-node 0 (default 1)")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch-size", type=int, default=None, help="global batch, split over all tasks")
+    batch.add_argument("--batch-per-gpu", type=int, default=None, help="batch per task (default: the preset's)")
+    p.add_argument("--config", default="imagenet_rn50", help="recipe preset from train/config.py (imagenet_rn50, demo)")
+    p.add_argument("--data", default=None, help="ImageFolder root or .beton shard, as seen from the compute nodes")
+    p.add_argument("--out", default=None, help="run folder on a shared filesystem (default: the preset's run.out)")
+    _add_cluster_args(p, cpus_per_task=10, time="72:00:00")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. schedule.epochs=100")
+    return p
+
+
+def shards_parser() -> argparse.ArgumentParser:
+    from pipeline import cli as pipeline_cli
+
+    # The shard options are mveb's own (`mveb shards`), defined once in pipeline/cli.py.
+    holder = OneLineParser(prog=PROG).add_subparsers(parser_class=OneLineParser)
+    pipeline_cli.register(holder)
+    p = holder.choices["shards"]
+    p.prog = f"{PROG} shards"
+    p.description = "Build an FFCV shard (`mveb shards`) as a one-node CPU job."
+    p.set_defaults(workers=None)  # None: one writer per CPU of the job (--cpus-per-task)
+    _add_cluster_args(p, cpus_per_task=32, time="12:00:00")
+    return p
+
+
+def _cluster_resources(a: argparse.Namespace, name: str, **layout: Any) -> Resources:
+    return resources(cpus_per_task=a.cpus_per_task, time_min=parse_time(a.time), partition=a.partition,
+                     account=a.account, qos=a.qos, mem=a.mem, constraint=a.constraint, exclude=a.exclude,
+                     name=name, **layout)
+
+
+def sbatch_script(res: Resources, folder: Path) -> str:
+    """The script submitit's SlurmExecutor would write for this request."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return _make_sbatch_string(command=command, folder=folder, **res.sbatch_parameters())
+
+
+def _print_plan(res: Resources, plan: BatchPlan | None) -> None:
+    unit = f"{res.gpus_per_node} GPUs" if res.gpus_per_node else f"{res.tasks_per_node} CPU tasks"
+    print(f"nodes: {res.nodes} x {unit} per node = world size {res.world_size} (one task per "
+          f"{'GPU' if res.gpus_per_node else 'task slot'}, {res.cpus_per_task} CPUs each)")
+    if plan is not None:
+        print(f"batch: {plan.per_rank} per task x {plan.world_size} = global batch {plan.global_batch}")
+        print(f"lr: {plan.base_lr:g} x {plan.global_batch} / 256 = {plan.lr:g}")
+
+
+def _check_submit(a: argparse.Namespace, res: Resources) -> None:
+    if a.local:
+        if res.nodes != 1:
+            raise UsageError(f"--local runs on this machine only: use --nodes 1 (got --nodes {res.nodes})")
+        if res.gpus_per_node:
+            import torch
+
+            have = torch.cuda.device_count()
+            if have < res.gpus_per_node:
+                raise UsageError(f"--local with --gpus-per-node {res.gpus_per_node} but this machine has {have} GPUs; "
+                                 "pass --gpus-per-node 0 --tasks-per-node N for CPU tasks")
+    elif shutil.which("sbatch") is None:
+        raise UsageError("sbatch not found on PATH: run this on a SLURM login node, or pass --local to run on "
+                         "this machine, or --dry-run to print the job script")
+
+
+def _submit(a: argparse.Namespace, res: Resources, folder: Path, fn: Callable[..., Any], *args: Any,
+            **kwargs: Any) -> Any:
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder, cluster="local" if a.local else "slurm")
+    if a.local:
+        executor.update_parameters(**res.local_parameters())
+    else:
+        executor.update_parameters(**{f"slurm_{k}": v for k, v in res.sbatch_parameters().items()})
+    job = executor.submit(fn, *args, **kwargs)
+    print(f"submitted job {job.job_id} ({'local' if a.local else 'slurm'})")
+    print(f"logs: {job.paths.stdout}")
+    print(f"      {job.paths.stderr}")
+    if not a.local:
+        print(f"watch: squeue -j {job.job_id}; tail -f {job.paths.stderr}")
+    return job
+
+
+def _wait_local(job: Any) -> int:
+    """--local runs in the foreground: print rank 0's result; Ctrl-C cancels the job."""
+    try:
+        result = job.results()[0]
+    except KeyboardInterrupt:
+        job.cancel()
+        raise
+    print(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+def launch_training(a: argparse.Namespace) -> int:
+    from pipeline.validate import write_atomic
+    from train.config import get_config
+
+    res = _cluster_resources(a, f"mveb-{a.config}", nodes=a.nodes, gpus_per_node=a.gpus_per_node,
+                             tasks_per_node=a.tasks_per_node)
+    cfg = get_config(a.config, a.overrides)
+    if a.data is not None:
+        cfg.data.path = str(Path(a.data).resolve())
+    if a.out is not None:
+        cfg.run.out = a.out
+    cfg.run.out = str(Path(cfg.run.out).resolve())
+    plan = batch_plan(res.world_size, cfg.optim.base_lr, a.batch_size or cfg.data.global_batch_size,
+                      a.batch_per_gpu, cfg.data.batch_size)
+    cfg.data.batch_size, cfg.data.global_batch_size = plan.per_rank, None
+    run_dir = Path(cfg.run.out)
+    folder = run_dir / "submitit"
+
+    _print_plan(res, plan)
+    print(f"run folder: {run_dir}")
+    if a.dry_run:
+        print(f"data: {cfg.data.path or '(not set: pass --data)'}")
+        print(sbatch_script(res, folder))
+        return 0
+
+    from train.pretrain import check_config
+    from slurm.job import TrainJob
+
+    check_config(cfg, res.world_size)
+    _check_submit(a, res)
+    write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    job = _submit(a, res, folder, TrainJob(cfg.to_dict()))
+    launch = {"job_id": job.job_id, "executor": "local" if a.local else "slurm", "nodes": res.nodes,
+              "tasks_per_node": res.tasks_per_node, "gpus_per_node": res.gpus_per_node,
+              "world_size": res.world_size, "batch_per_task": plan.per_rank, "global_batch": plan.global_batch,
+              "lr": plan.lr, "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr),
+              "argv": sys.argv}
+    write_atomic(run_dir / "launch.json", json.dumps(launch, indent=2) + "\n")
+    print(f"config: {run_dir / 'config.json'}")
+    return _wait_local(job) if a.local else 0
+
+
+def launch_shards(a: argparse.Namespace) -> int:
+    from slurm.job import shard_job
+
+    res = _cluster_resources(a, "mveb-shards", nodes=1, gpus_per_node=0, tasks_per_node=1)
+    src, out = Path(a.src).resolve(), Path(a.out).resolve()
+    folder = out.parent / f"{out.name}.submitit"
+    _print_plan(res, None)
+    print(f"shard: {src} -> {out}")
+    if a.dry_run:
+        print(sbatch_script(res, folder))
+        return 0
+    if not src.is_dir():
+        raise UsageError(f"--src {src} is not a folder; pass an ImageFolder root (one subfolder per class)")
+    _check_submit(a, res)
+    job = _submit(a, res, folder, shard_job, str(src), str(out), max_res=a.max_res, quality=a.quality,
+                  workers=a.workers or res.cpus_per_task, limit=a.limit, classes=a.classes, timeout_s=a.timeout,
+                  progress=False)
+    print(f"report (when done): {out}.report.json")
+    return _wait_local(job) if a.local else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["shards"]:
+            return launch_shards(shards_parser().parse_args(argv[1:]))
+        return launch_training(train_parser().parse_args(argv))
+    except UsageError as e:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
