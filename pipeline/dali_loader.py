@@ -1,0 +1,225 @@
+"""The DALI multi-crop loader: nvJPEG decode and GPU augmentation, or DALI's CPU backend.
+
+`DALIMultiCropLoader` follows the `MultiCropLoader` protocol and yields `MultiCropBatch`es
+built by the graph in `dali_graph.py`. DALI stops at the first file it cannot decode, so
+it only ever reads validated files: an ImageFolder root is scanned first (broken files are
+reported and left out), a file list (`mveb validate --fix-list`) is trusted as it is.
+
+Epochs: every rank reads its own fixed shard (DALI pads the shard's last batch). Iterating
+yields the current epoch from `batches_done` on; with drop_last every rank yields
+(N // world_size) // batch_size batches, the same count on every rank, and the leftover
+batch of the shard is run and dropped when the last counted batch is handed out, so the
+state is already "next epoch, batch 0" while the trainer works on that last batch.
+
+Resuming: `state_dict()` holds DALI's own checkpoint (reader position and every random
+generator), so a restored loader yields exactly the batches the interrupted one would have.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from nvidia.dali.pipeline import Pipeline
+from nvidia.dali.plugin.pytorch import feed_ndarray
+
+from mveb.errors import UsageError
+
+from .batch import MultiCropBatch
+from .dali_graph import OUTPUT_DTYPES, build_pipeline
+from .images import Sample, open_rgb
+from .recipe import MultiCropRecipe
+from .torch_loader import resolve_samples
+
+DataSource = str | Path | Sequence[Sample]
+
+
+def read_file_list(path: str | Path) -> list[Sample]:
+    """(path, label) pairs of a DALI file list ("path label" per line; the label is the last
+    field, so paths may hold spaces); relative paths are taken from the list's folder."""
+    path = Path(path)
+    samples = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.rsplit(maxsplit=1)
+        if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
+            raise UsageError(f"{path}:{n} is not '<path> <integer label>'; pass a list from `mveb validate --fix-list`")
+        samples.append((str(path.parent / fields[0]), int(fields[1])))
+    if not samples:
+        raise UsageError(f"{path} lists no images")
+    return samples
+
+
+def write_file_list(samples: Sequence[Sample], path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{os.path.abspath(p)} {y}\n" for p, y in samples))
+    os.replace(tmp, path)
+
+
+def _decodable(samples: Sequence[Sample]) -> tuple[list[Sample], list[tuple[str, str]]]:
+    good, bad = [], []
+    for path, label in samples:
+        try:
+            open_rgb(path)
+        except Exception as e:  # noqa: BLE001 - any decoder failure means "leave this file out"
+            bad.append((path, f"{type(e).__name__}: {e}"))
+        else:
+            good.append((path, label))
+    return good, bad
+
+
+def resolve_dali_samples(data: DataSource) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """(files DALI may read, files left out with the reason)."""
+    if isinstance(data, (str, Path)) and Path(data).is_file() and not str(data).endswith(".beton"):
+        return read_file_list(data), []
+    _, samples = resolve_samples(data)
+    if isinstance(data, (str, Path)):
+        return _decodable(samples)
+    return samples, []
+
+
+def _shard_size(n: int, shard: int, shards: int) -> int:
+    # DALI's split of n files into shards (contiguous, sizes differ by at most one).
+    return (n * (shard + 1)) // shards - (n * shard) // shards
+
+
+def _torch_device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {device} asked for, but CUDA is not available; use --device cpu")
+        return torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+    if dev.type != "cpu":
+        raise UsageError(f"the DALI loader runs on cpu or cuda, not {device}")
+    return dev
+
+
+class DALIMultiCropLoader:
+    """A `MultiCropLoader` over DALI: `device="cuda"` decodes with nvJPEG and augments on
+    the GPU, `device="cpu"` runs the same graph on DALI's CPU backend.
+
+    `data`: an ImageFolder root (scanned; broken files are reported in `skipped` and left
+    out), a DALI file list from `mveb validate --fix-list`, or a list of (path, label).
+    `workers`: DALI CPU threads (default: the cores this process may use).
+    """
+
+    def __init__(self, data: DataSource, recipe: MultiCropRecipe, batch_size: int, *,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, workers: int | None = None, drop_last: bool = True) -> None:
+        if batch_size < 1:
+            raise UsageError(f"batch size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise UsageError(f"rank {rank} is outside world size {world_size}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise UsageError(f"the DALI loader yields float32, float16 or bfloat16, not {dtype}")
+        self.device = _torch_device(device)
+        self.recipe, self.batch_size, self.dtype = recipe, batch_size, dtype
+        self.seed, self.rank, self.world_size, self.drop_last = seed, rank, world_size, drop_last
+        self.workers = workers or len(os.sched_getaffinity(0))
+        self.samples, self.skipped = resolve_dali_samples(data)
+        if self.skipped:
+            path, reason = self.skipped[0]
+            sys.stderr.write(f"warning: {len(self.skipped)} file(s) cannot be decoded and are left out "
+                             f"(first: {path}: {reason}); `mveb validate` lists them all\n")
+        self._shard = _shard_size(len(self.samples), rank, world_size)
+        self.epoch, self.batches_done = 0, 0
+        if len(self) == 0:
+            raise UsageError(f"{len(self.samples)} images make no full batch of {batch_size} on each of "
+                             f"{world_size} ranks; lower the batch size")
+        # DALI has no bfloat16: it writes fp16 (exact for normalized pixels) and torch casts.
+        self._copy_dtype = torch.float32 if dtype == torch.float32 else torch.float16
+        self._tmp = tempfile.TemporaryDirectory(prefix="mveb-dali-")
+        self._file_list = os.path.join(self._tmp.name, "files.txt")
+        write_file_list(self.samples, self._file_list)
+        self._pipe: Pipeline | None = None
+        self._checkpoint: bytes | None = None  # restore the next pipeline from this
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return (len(self.samples) // self.world_size) // self.batch_size
+        return math.ceil(self._shard / self.batch_size)
+
+    def _pipeline(self) -> Pipeline:
+        if self._pipe is None:
+            self._pipe = build_pipeline(
+                self._file_list, self.recipe, self.batch_size,
+                device_id=self.device.index if self.device.type == "cuda" else None,
+                dtype=OUTPUT_DTYPES[self._copy_dtype], seed=self.seed + self.rank, shard_id=self.rank,
+                num_shards=self.world_size, threads=self.workers, checkpoint=self._checkpoint)
+            self._checkpoint = None
+        return self._pipe
+
+    def _skip_rest_of_epoch(self, pipe: Pipeline) -> None:
+        # The reader's epoch is ceil(shard / B) batches; run what this epoch did not yield,
+        # so the next epoch starts at the reader's next epoch.
+        for _ in range(math.ceil(self._shard / self.batch_size) - self.batches_done):
+            pipe.run()
+        self.epoch, self.batches_done = self.epoch + 1, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Same epoch: keep the position (resume). A new epoch starts at its first batch."""
+        if epoch == self.epoch:
+            return
+        if self.batches_done:
+            self._skip_rest_of_epoch(self._pipeline())
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[MultiCropBatch]:
+        pipe = self._pipeline()
+        for _ in range(self.batches_done, len(self)):
+            real = min(self.batch_size, self._shard - self.batches_done * self.batch_size)
+            batch = self._to_batch(pipe.run(), real)
+            self.batches_done += 1
+            if self.batches_done == len(self):
+                self._skip_rest_of_epoch(pipe)
+            yield batch
+
+    def _views(self, outs: Sequence[Any], first: int, count: int, size: int, real: int) -> torch.Tensor:
+        """`count` DALI view outputs as one [count * real, 3, size, size] channels_last tensor."""
+        B = self.batch_size
+        buf = torch.empty((count * B, size, size, 3), dtype=self._copy_dtype, device=self.device)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        for i in range(count):
+            # One copy per view, straight into its slot of the view-major buffer.
+            feed_ndarray(outs[first + i].as_tensor(), buf[i * B:(i + 1) * B], cuda_stream=stream)
+        if real < B:  # the shard's last, padded batch (drop_last=False only)
+            buf = buf.view(count, B, size, size, 3)[:, :real].reshape(count * real, size, size, 3)
+        # NHWC memory is NCHW with channels_last strides: a view, not a copy.
+        return buf.to(self.dtype).permute(0, 3, 1, 2)
+
+    def _to_batch(self, outs: Sequence[Any], real: int) -> MultiCropBatch:
+        r = self.recipe
+        labels = torch.from_numpy(outs[r.n_views].as_array().reshape(-1)[:real].astype("int64"))
+        return MultiCropBatch(self._views(outs, 0, r.n_global, r.global_size, real),
+                              self._views(outs, r.n_global, r.n_local, r.local_size, real),
+                              labels.to(self.device, non_blocking=True))
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._pipe is not None:
+            dali = self._pipe.checkpoint()
+        else:
+            dali = self._checkpoint
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "dali": dali, "seed": self.seed,
+                "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
+                "n_samples": len(self.samples), "drop_last": self.drop_last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        same = all(state.get(k) == v for k, v in (
+            ("seed", self.seed), ("rank", self.rank), ("world_size", self.world_size),
+            ("batch_size", self.batch_size), ("n_samples", len(self.samples)), ("drop_last", self.drop_last)))
+        # DALI's checkpoint is a reader position in one shard of one file list; it means
+        # nothing for another split, so then the saved epoch restarts from its first batch.
+        self.batches_done = int(state["batches_done"]) if same else 0
+        self._checkpoint = state.get("dali") if same else None
+        self._pipe = None
+        if not same:
+            sys.stderr.write("warning: loader state is from a different seed, rank, world size, batch size or "
+                             "dataset; restarting the epoch from its first batch\n")

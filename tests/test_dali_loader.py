@@ -1,0 +1,227 @@
+"""DALI multi-crop loader on real JPEGs: the batch contract, seeds, ranks, resume, bad files.
+
+Runs DALI's CPU backend here; the `gpu` tests run the nvJPEG (`mixed`) path on a GPU host.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from mveb.errors import UsageError
+from pipeline.batch import MultiCropBatch
+from pipeline.dali_loader import DALIMultiCropLoader, read_file_list, write_file_list
+from pipeline.images import list_image_folder
+from pipeline.recipe import MultiCropRecipe
+
+RECIPE = MultiCropRecipe().with_views(2, 64, 2, 32)
+TINY = MultiCropRecipe().with_views(1, 24, 1, 16)
+
+
+@pytest.fixture(scope="module")
+def indexed(photo_train: Path) -> list[tuple[str, int]]:
+    """37 real JPEGs labelled by their index, so labels name files (37: shards of 18 and 19)."""
+    _, samples = list_image_folder(photo_train)
+    return [(path, i) for i, (path, _) in enumerate(samples[::7][:37])]
+
+
+def _epoch(loader: DALIMultiCropLoader) -> list[MultiCropBatch]:
+    return list(loader)
+
+
+def _same(a: MultiCropBatch, b: MultiCropBatch) -> bool:
+    return (torch.equal(a.global_views, b.global_views) and torch.equal(a.local_views, b.local_views)
+            and torch.equal(a.labels, b.labels))
+
+
+def test_batches_follow_the_contract(photo_train: Path) -> None:
+    loader = DALIMultiCropLoader(photo_train, RECIPE, 16)
+    classes, samples = list_image_folder(photo_train)
+    assert len(loader) == len(samples) // 16
+    batch = next(iter(loader))
+    batch.check(RECIPE, 16)
+    assert batch.global_views.dtype == torch.float32 and batch.global_views.device.type == "cpu"
+    assert batch.labels.dtype == torch.int64 and 0 <= batch.labels.min() and batch.labels.max() < len(classes)
+    # Normalized pixels: each channel stays within what (0..255 - 255 mean) / (255 std) allows.
+    for c in range(3):
+        lo, hi = -RECIPE.mean[c] / RECIPE.std[c], (1 - RECIPE.mean[c]) / RECIPE.std[c]
+        for views in (batch.global_views, batch.local_views):
+            ch = views[:, c]
+            assert lo - 1e-3 <= ch.min() and ch.max() <= hi + 1e-3
+    assert -1.5 < batch.global_views.mean() < 1.5 and 0.3 < batch.global_views.std() < 2.0
+
+
+def test_views_are_grouped_by_view_then_sample(indexed: list[tuple[str, int]]) -> None:
+    # Whole-image crops with every random op off: view 1 and view 2 of a sample are the
+    # same pixels, so equal halves prove the [view 1 of all samples, view 2 ...] order.
+    fixed = replace(RECIPE.with_views(2, 32, 0, 16), global_scale=(1.0, 1.0), ratio=(0.1, 10.0), flip_p=0.0,
+                    jitter_p=0.0, grayscale_p=0.0, global_blur_p=(0.0, 0.0), global_solarize_p=(0.0, 0.0))
+    batch = next(iter(DALIMultiCropLoader(indexed, fixed, 4)))
+    first, second = batch.global_views.chunk(2)
+    assert torch.equal(first, second)
+    assert not torch.equal(first[0], first[1])
+    assert batch.local_views.shape == (0, 3, 16, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_output(indexed: list[tuple[str, int]], dtype: torch.dtype) -> None:
+    half = next(iter(DALIMultiCropLoader(indexed, TINY, 4, dtype=dtype)))
+    full = next(iter(DALIMultiCropLoader(indexed, TINY, 4)))
+    half.check(TINY, 4)
+    assert half.global_views.dtype == dtype and half.local_views.dtype == dtype
+    tol = 0.02 if dtype == torch.float16 else 0.05
+    assert torch.allclose(half.global_views.float(), full.global_views, atol=tol)
+
+
+def test_same_seed_same_batches_other_seed_other_augmentations(indexed: list[tuple[str, int]]) -> None:
+    a = _epoch(DALIMultiCropLoader(indexed, TINY, 4, seed=5))
+    b = _epoch(DALIMultiCropLoader(indexed, TINY, 4, seed=5))
+    c = _epoch(DALIMultiCropLoader(indexed, TINY, 4, seed=6))
+    assert all(_same(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0].global_views, c[0].global_views)
+
+
+def test_ranks_read_disjoint_shards_with_equal_epoch_lengths(indexed: list[tuple[str, int]]) -> None:
+    seen = []
+    for rank in (0, 1):
+        loader = DALIMultiCropLoader(indexed, TINY, 4, rank=rank, world_size=2)
+        assert len(loader) == (37 // 2) // 4  # the same on both ranks although shards are 18 and 19
+        epochs = [[y for b in _epoch(loader) for y in b.labels.tolist()] for _ in range(2)]
+        assert [len(e) for e in epochs] == [len(loader) * 4] * 2
+        assert all(len(set(e)) == len(e) for e in epochs)  # no padding repeats inside an epoch
+        assert epochs[0] != epochs[1]  # a new order every epoch
+        seen.append(set(epochs[0]) | set(epochs[1]))
+    assert not seen[0] & seen[1]
+
+
+def test_ranks_draw_different_augmentations(indexed: list[tuple[str, int]]) -> None:
+    # Every file is the same photo: only the augmentation draws can tell the ranks apart.
+    one = [(indexed[0][0], i) for i in range(16)]
+    r0, r1 = (next(iter(DALIMultiCropLoader(one, TINY, 4, rank=r, world_size=2))) for r in (0, 1))
+    assert not torch.equal(r0.global_views, r1.global_views)
+
+
+def test_resume_mid_epoch_equals_uninterrupted(indexed: list[tuple[str, int]]) -> None:
+    whole = DALIMultiCropLoader(indexed, RECIPE, 4, seed=1)
+    ref = _epoch(whole) + _epoch(whole)[:3]
+    for stop in (5, len(whole)):  # mid-epoch, and right after an epoch's last batch
+        first = DALIMultiCropLoader(indexed, RECIPE, 4, seed=1)
+        it = iter(first)
+        assert all(_same(next(it), ref[k]) for k in range(stop))
+        buf = io.BytesIO()
+        torch.save(first.state_dict(), buf)
+        buf.seek(0)
+        resumed = DALIMultiCropLoader(indexed, RECIPE, 4, seed=1)
+        resumed.load_state_dict(torch.load(buf, weights_only=True))
+        rest = _epoch(resumed) + _epoch(resumed)[:3] if stop < len(whole) else _epoch(resumed)[:3]
+        assert len(rest) == len(ref) - stop
+        assert all(_same(x, y) for x, y in zip(rest, ref[stop:]))
+
+
+def test_state_from_another_split_restarts_the_epoch(indexed: list[tuple[str, int]]) -> None:
+    saved = DALIMultiCropLoader(indexed, TINY, 4)
+    next(iter(saved))
+    other = DALIMultiCropLoader(indexed, TINY, 4, rank=1, world_size=2)
+    other.load_state_dict(saved.state_dict())
+    assert (other.epoch, other.batches_done) == (0, 0)
+    assert len(_epoch(other)) == len(other)
+
+
+def test_set_epoch_mid_epoch_skips_to_the_new_epoch(indexed: list[tuple[str, int]]) -> None:
+    loader = DALIMultiCropLoader(indexed, TINY, 4)
+    ref = DALIMultiCropLoader(indexed, TINY, 4)
+    _epoch(ref)
+    next(iter(loader))
+    loader.set_epoch(1)
+    assert (loader.epoch, loader.batches_done) == (1, 0)
+    assert all(_same(x, y) for x, y in zip(_epoch(loader), _epoch(ref)))
+
+
+def test_last_partial_batch_kept_without_drop_last(indexed: list[tuple[str, int]]) -> None:
+    loader = DALIMultiCropLoader(indexed, TINY, 4, rank=1, world_size=2, drop_last=False)
+    batches = _epoch(loader)
+    assert len(batches) == len(loader) == 5  # shard of 19
+    last = batches[-1]
+    last.check(TINY, 3)
+    labels = [y for b in batches for y in b.labels.tolist()]
+    assert len(labels) == 19 == len(set(labels))
+
+
+def test_broken_files_are_left_out_and_reported(photo_train: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "data"
+    for cls in sorted(p.name for p in photo_train.iterdir())[:2]:
+        shutil.copytree(photo_train / cls, root / cls)
+    good = sorted(root.glob("*/*.jpg"))
+    good[0].write_bytes(good[0].read_bytes()[:300])  # truncated JPEG
+    (root / good[1].parent.name / "empty.jpg").write_bytes(b"")
+    (root / good[1].parent.name / "text.JPEG").write_text("not an image")
+    loader = DALIMultiCropLoader(root, TINY, 8)
+    assert sorted(Path(p).name for p, _ in loader.skipped) == sorted([good[0].name, "empty.jpg", "text.JPEG"])
+    assert "3 file(s) cannot be decoded" in capsys.readouterr().err
+    assert len(_epoch(loader)) == len(loader) == (len(good) - 1) // 8
+
+
+def test_file_list_round_trip(tmp_path: Path, indexed: list[tuple[str, int]]) -> None:
+    odd = tmp_path / "with space"
+    odd.mkdir()
+    shutil.copy(indexed[0][0], odd / "a b.jpg")
+    samples = [(str(odd / "a b.jpg"), 7)] + indexed[1:8]
+    write_file_list(samples, tmp_path / "list.txt")
+    assert read_file_list(tmp_path / "list.txt") == samples
+    batch = next(iter(DALIMultiCropLoader(tmp_path / "list.txt", TINY, 8)))
+    assert sorted(batch.labels.tolist()) == sorted(y for _, y in samples)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 64}, "no full batch"),
+    ({"batch_size": 4, "rank": 2, "world_size": 2}, "outside world size"),
+    ({"batch_size": 4, "dtype": torch.uint8}, "float32, float16 or bfloat16"),
+    ({"batch_size": 4, "device": "mps"}, "cpu or cuda"),
+])
+def test_user_errors(indexed: list[tuple[str, int]], kwargs: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        DALIMultiCropLoader(indexed[:37], TINY, **kwargs)
+
+
+def test_bad_paths_are_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="does not exist"):
+        DALIMultiCropLoader(tmp_path / "missing", TINY, 4)
+    (tmp_path / "list.txt").write_text("just-a-path.jpg\n")
+    with pytest.raises(UsageError, match="integer label"):
+        DALIMultiCropLoader(tmp_path / "list.txt", TINY, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_mixed_decode_follows_the_contract(photo_train: Path, dtype: torch.dtype) -> None:
+    loader = DALIMultiCropLoader(photo_train, RECIPE, 16, device="cuda", dtype=dtype)
+    batches = _epoch(loader)
+    assert len(batches) == len(loader)
+    for b in batches[:2]:
+        b.check(RECIPE, 16)
+        assert b.global_views.is_cuda and b.labels.is_cuda and b.global_views.dtype == dtype
+        assert torch.isfinite(b.global_views.float()).all() and torch.isfinite(b.local_views.float()).all()
+    # The GPU graph is the CPU graph: pixel statistics over an epoch agree.
+    cpu = _epoch(DALIMultiCropLoader(photo_train, RECIPE, 16))
+    for name in ("global_views", "local_views"):
+        g = torch.cat([getattr(b, name).float().cpu() for b in batches])
+        c = torch.cat([getattr(b, name) for b in cpu])
+        assert abs(g.mean() - c.mean()) < 0.1 and abs(g.std() - c.std()) < 0.1
+
+
+@pytest.mark.gpu
+def test_gpu_resume_equals_uninterrupted(indexed: list[tuple[str, int]]) -> None:
+    ref = _epoch(DALIMultiCropLoader(indexed, RECIPE, 4, device="cuda", seed=2))
+    first = DALIMultiCropLoader(indexed, RECIPE, 4, device="cuda", seed=2)
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    resumed = DALIMultiCropLoader(indexed, RECIPE, 4, device="cuda", seed=2)
+    resumed.load_state_dict(first.state_dict())
+    assert all(_same(x, y) for x, y in zip(_epoch(resumed), ref[3:]))
