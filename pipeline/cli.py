@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", default=None, help="JSON report path (default: SRC/../<name>.validate.json)")
     p.add_argument("--fix-list", default=None, help="write the list of decodable files (DALI file_list format)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes")
-    p.set_defaults(func=lambda a: not_implemented("validate"))
+    p.set_defaults(func=_validate)
 
     p = sub.add_parser("shards", help="build an FFCV .beton shard from an ImageFolder tree",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -26,7 +26,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="writer processes")
     p.add_argument("--limit", type=int, default=None, help="write at most this many images")
     p.add_argument("--classes", default=None, help="file with one class folder name per line (fixes label order)")
-    p.set_defaults(func=lambda a: not_implemented("shards"))
+    p.add_argument("--timeout", type=float, default=None,
+                   help="kill the writer after this many seconds (default: ~20x the expected time)")
+    p.set_defaults(func=_shards)
+
+
+def _validate(a: argparse.Namespace) -> int:
+    from .validate import validate
+
+    validate(a.src, a.report, a.fix_list, a.workers)
+    return 0
+
+
+def _shards(a: argparse.Namespace) -> int:
+    from .shards import shards_command
+
+    return shards_command(a.src, a.out, a.max_res, a.quality, a.workers, a.limit, a.classes, a.timeout)
 
 
 def add_bench_loader_args(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,230 @@
+"""Validation and shard building on real awkward files: every decodable kind is written as
+upright 8-bit RGB, every undecodable one is reported, user errors exit 2 without a traceback,
+and nothing is ever left under a final name after a failure."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mveb.cli import main
+from mveb.errors import UsageError
+from pipeline.images import list_image_folder
+from pipeline.loaders import build_loader, check_data
+from pipeline.recipe import MultiCropRecipe
+from pipeline.shards import build_shard, check_beton
+from pipeline.validate import read_fix_list, scan
+
+# name -> expected (height, width) in the shard at max_res 256, for the decodable kinds
+DECODABLE = {
+    "a/gray.jpg": (120, 160),
+    "a/cmyk.jpg": (100, 100),
+    "a/sixteen_bit.png": (64, 64),
+    "a/png_inside.jpg": (50, 70),
+    "a/tiny.jpg": (1, 2),
+    "a/huge.jpg": (256, 256),
+    "a/exif_rotated.jpg": (160, 90),  # stored 160 wide x 90 high, upright it is 90 wide
+    "b/rgba.png": (40, 30),
+    "b/palette_transparent.png": (32, 32),
+    "b/photo.WEBP": (96, 128),
+    "b/UPPER.JPEG": (80, 60),
+    "b/thin.png": (1, 256),
+}
+BROKEN = {"b/zero_bytes.jpg": "empty", "b/truncated.jpg": "undecodable", "b/not_an_image.jpg": "not an image"}
+
+
+def _make_bad_tree(root: Path, photo: Path) -> Path:
+    for d in ("a", "b"):
+        (root / d).mkdir(parents=True)
+    (root / "a" / "notes.txt").write_text("not an image extension: ignored, not reported")
+    rgb = Image.open(photo).convert("RGB")
+    rgb.resize((160, 120)).convert("L").save(root / "a/gray.jpg")
+    rgb.resize((100, 100)).convert("CMYK").save(root / "a/cmyk.jpg")
+    Image.fromarray(np.full((64, 64), 32768, np.uint16)).save(root / "a/sixteen_bit.png")
+    rgb.resize((70, 50)).save(root / "a/png_inside.jpg", format="PNG")
+    rgb.resize((2, 1)).save(root / "a/tiny.jpg")
+    Image.new("L", (9600, 9600), 90).save(root / "a/huge.jpg", quality=80)  # 92 Mpx: above PIL's bomb warning
+    # Stored 160 wide x 90 high, tagged "rotate 90 degrees clockwise to view" (orientation 6).
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rgb.resize((160, 90)).save(root / "a/exif_rotated.jpg", exif=exif)
+    rgba = rgb.resize((30, 40)).convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(root / "b/rgba.png")
+    pal = rgb.resize((32, 32)).convert("P")
+    pal.save(root / "b/palette_transparent.png", transparency=0)
+    rgb.resize((128, 96)).save(root / "b/photo.WEBP", format="WEBP")
+    rgb.resize((60, 80)).save(root / "b/UPPER.JPEG", format="JPEG")
+    rgb.resize((5000, 20)).save(root / "b/thin.png")  # FFCV's own resizer would make it 0 px high
+    (root / "b/zero_bytes.jpg").write_bytes(b"")
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG")
+    (root / "b/truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (root / "b/not_an_image.jpg").write_text("<html>404 not found</html>")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bad_tree(tmp_path_factory: pytest.TempPathFactory, photo_train: Path) -> Path:
+    return _make_bad_tree(tmp_path_factory.mktemp("bad") / "tree", next(photo_train.rglob("*.jpg")))
+
+
+@pytest.fixture(scope="module")
+def shard(bad_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("shard") / "bad.beton"
+    return out, build_shard(bad_tree, out, max_res=256, workers=2, progress=False)
+
+
+def _mveb(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run the CLI in-process (a subprocess costs a torch import per call on 2 cores)."""
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _rel(root: Path, path: str) -> str:
+    return Path(path).relative_to(root).as_posix()
+
+
+def test_scan_sorts_decodable_from_broken(bad_tree: Path) -> None:
+    result = scan(bad_tree, workers=2, progress=False)
+    assert result.classes == ["a", "b"]
+    assert sorted(_rel(bad_tree, p) for p, _ in result.good) == sorted(DECODABLE)
+    reasons = {_rel(bad_tree, p): r for p, r in result.bad}
+    assert set(reasons) == set(BROKEN)
+    for name, word in BROKEN.items():
+        assert word in reasons[name], reasons[name]
+
+
+def test_validate_cli_writes_report_and_fix_list(bad_tree: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    report, fix = tmp_path / "r.json", tmp_path / "sub" / "good.txt"
+    code, out, err = _mveb(capsys, "validate", "--src", str(bad_tree), "--report", str(report), "--fix-list", str(fix),
+                           "--workers", "2")
+    assert code == 0, err
+    assert f"{len(DECODABLE)} decodable, {len(BROKEN)} broken" in out
+    data = json.loads(report.read_text())
+    assert sorted(_rel(bad_tree, b["path"]) for b in data["bad"]) == sorted(BROKEN)
+    lines = fix.read_text().splitlines()
+    assert sorted(ln.rsplit(" ", 1)[0] for ln in lines) == sorted(DECODABLE)
+    assert all(ln.rsplit(" ", 1)[1] == ("0" if ln.startswith("a/") else "1") for ln in lines)
+    assert sorted(p for p, _ in read_fix_list(fix, bad_tree)) == sorted(str(bad_tree / n) for n in DECODABLE)
+
+
+def _shard_images(path: Path) -> list[tuple[np.ndarray, int]]:
+    """Decode every stored JPEG of a shard straight from the file (no numba pipeline)."""
+    from ffcv.reader import Reader
+
+    r = Reader(str(path))
+    size_at = {int(p): int(s) for _, p, s in r.alloc_table}
+    raw = path.read_bytes()
+    out = []
+    for (mode, w, h, ptr), label in r.metadata:
+        img = np.asarray(Image.open(io.BytesIO(raw[ptr:ptr + size_at[int(ptr)]])))
+        assert img.shape[:2] == (h, w) and mode == 0  # 0: stored as JPEG
+        out.append((img, int(label)))
+    return out
+
+
+def test_shard_holds_every_decodable_image_as_upright_rgb(shard: tuple[Path, dict], bad_tree: Path) -> None:
+    out, report = shard
+    assert report["written"] == len(DECODABLE)
+    assert sorted(_rel(bad_tree, s["path"]) for s in report["skipped"]) == sorted(BROKEN)
+    assert report["classes"] == ["a", "b"] and report["seconds"] > 0
+    assert json.loads(Path(f"{out}.report.json").read_text()) == report
+    check_beton(out)
+    images = _shard_images(out)
+    # The writer keeps the validator's order: sorted within class folders.
+    names = sorted((n for n in DECODABLE), key=lambda n: (n.split("/")[0], n.split("/")[1]))
+    written = [_rel(bad_tree, p) for p, _ in list_image_folder(bad_tree)[1] if _rel(bad_tree, p) not in BROKEN]
+    by_name = {name: i for i, name in enumerate(written)}
+    for name in names:
+        img, label = images[by_name[name]]
+        assert img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8, name
+        assert img.shape[:2] == DECODABLE[name], (name, img.shape)
+        assert label == (0 if name.startswith("a/") else 1)
+    sixteen = images[by_name["a/sixteen_bit.png"]][0]
+    assert abs(float(sixteen.mean()) - 128) < 3  # 16-bit mid-grey scaled, not clipped to white
+    huge = images[by_name["a/huge.jpg"]][0]
+    assert abs(float(huge.mean()) - 90) < 3
+
+
+def test_limit_and_class_list(bad_tree: Path, tmp_path: Path) -> None:
+    classes = tmp_path / "classes.txt"
+    classes.write_text("b\n")
+    report = build_shard(bad_tree, tmp_path / "b.beton", workers=1, limit=3, classes=classes, progress=False)
+    assert report["written"] == 3 and report["classes"] == ["b"]
+    assert all(label == 0 for _, label in _shard_images(tmp_path / "b.beton"))
+
+
+def test_a_killed_write_leaves_nothing_behind(bad_tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "never.beton"
+    with pytest.raises(RuntimeError, match="did not finish"):
+        build_shard(bad_tree, out, workers=1, timeout_s=0.05, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_user_error_is_one_line_exit_2_without_traceback(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "mveb", "shards", "--src", str(tmp_path / "nope"), "--out",
+                        str(tmp_path / "o.beton")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "does not exist" in r.stderr and not (tmp_path / "o.beton").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "no_class_folders", "only_empty_classes", "file"])
+def test_bad_source_folders_exit_2(kind: str, tmp_path: Path, photo_train: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "src"
+    if kind == "empty":
+        src.mkdir()
+    elif kind == "no_class_folders":
+        src.mkdir()
+        shutil.copy(next(photo_train.rglob("*.jpg")), src / "x.jpg")
+    elif kind == "only_empty_classes":
+        (src / "cls").mkdir(parents=True)
+    elif kind == "file":
+        src.write_text("x")
+    for args in (["validate", "--src", str(src)], ["shards", "--src", str(src), "--out", str(tmp_path / "o.beton")]):
+        code, _, err = _mveb(capsys, *args)
+        assert code == 2, (args, err)
+        assert len(err.strip().splitlines()) == 1 and str(src) in err, err
+        assert not (tmp_path / "o.beton").exists()
+    with pytest.raises(UsageError):
+        build_loader("torch", src, MultiCropRecipe().with_views(1, 32, 0, 32), 2)
+
+
+def test_shards_cli_rejects_bad_options(bad_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "dup.txt").write_text("a\na\n")
+    for extra, says in ((["--quality", "0"], "--quality"), (["--max-res", "2"], "--max-res"), (["--limit", "0"], "--limit"),
+                        (["--classes", str(tmp_path / "none")], "cannot read class list"),
+                        (["--classes", str(tmp_path / "dup.txt")], "twice")):
+        code, _, err = _mveb(capsys, "shards", "--src", str(bad_tree), "--out", str(tmp_path / "o.beton"), *extra)
+        assert code == 2 and says in err, err
+    code, _, err = _mveb(capsys, "shards", "--src", str(bad_tree), "--out", str(tmp_path))
+    assert code == 2 and "is a folder" in err
+    assert not (tmp_path / "o.beton").exists()
+
+
+def test_loader_rejects_broken_shards(shard: tuple[Path, dict], tmp_path: Path) -> None:
+    good = shard[0].read_bytes()
+    cases = {"truncated.beton": good[: len(good) // 2], "header_only.beton": good[:10],
+             "not_a_shard.beton": b"PK\x03\x04 a zip file, say" * 100, "empty.beton": b""}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(UsageError, match="not a complete FFCV shard|holds no samples"):
+            check_data("ffcv", tmp_path / name)
+    with pytest.raises(UsageError, match="does not exist"):
+        check_data("ffcv", tmp_path / "missing.beton")
+    with pytest.raises(UsageError, match="reads an ImageFolder"):
+        check_data("torch", shard[0])
+    with pytest.raises(UsageError, match="unknown loader backend"):
+        build_loader("tensorflow", shard[0], MultiCropRecipe(), 2)
