@@ -1,0 +1,102 @@
+"""slurm/launch.py on the real local cluster (slurm/cluster/up.sh): the demo config trained by
+2 nodes x 2 CPU tasks over gloo, and a run interrupted by a signal that requeues and resumes."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from slurm.launch import main
+
+pytestmark = pytest.mark.slurm
+
+# The demo preset, shrunk so that a step takes a second or two on 2 shared cores.
+TINY = ["data.batch_size=4", "data.workers=0", "data.n_local=0", "run.progress=false", "run.tensorboard=false"]
+
+
+def _launch(run: Path, photo_train: Path, nodes: int, tasks: int, steps: int) -> str:
+    assert main(["--nodes", str(nodes), "--gpus-per-node", "0", "--tasks-per-node", str(tasks), "--cpus-per-task", "1",
+                 "--time", "10", "--config", "demo", "--data", str(photo_train), "--out", str(run),
+                 f"schedule.steps={steps}", *TINY]) == 0
+    return json.loads((run / "launch.json").read_text())["job_id"]
+
+
+def _in_queue(job_id: str) -> bool:
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    return bool(out.stdout.strip())
+
+
+def _wait(what: str, ready: Any, timeout: float, job_id: str, run: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            logs = "\n".join(p.read_text()[-2000:] for p in sorted((run / "submitit").glob(f"{job_id}_*_log.err")))
+            subprocess.run(["scancel", job_id])
+            pytest.fail(f"job {job_id}: {what} not seen within {timeout:.0f} s; logs:\n{logs}")
+        time.sleep(0.5)
+
+
+def _results(run: Path, job_id: str, tasks: int, timeout: float) -> list[dict[str, Any]]:
+    paths = [run / "submitit" / f"{job_id}_{t}_result.pkl" for t in range(tasks)]
+    _wait("every task's result", lambda: all(p.exists() for p in paths) and not _in_queue(job_id), timeout, job_id, run)
+    results = []
+    for p in paths:
+        status, value = pickle.loads(p.read_bytes())
+        assert status == "success", value
+        results.append(value)
+    return results
+
+
+def _metrics(run: Path) -> list[dict[str, Any]]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.slow
+def test_two_nodes_two_tasks_train_the_demo_config(tmp_path: Path, photo_train: Path) -> None:
+    run = tmp_path / "run"
+    job_id = _launch(run, photo_train, nodes=2, tasks=2, steps=2)
+    results = _results(run, job_id, tasks=4, timeout=150)
+
+    assert [r["step"] for r in results] == [2, 2, 2, 2]
+    assert len({r["loss"] for r in results}) == 4, "each rank trains on its own shard of the data"
+    # Every rank's loss enters the logged loss, the mean over the world (all-reduced).
+    logged = _metrics(run)[-1]
+    assert logged["step"] == 2
+    assert logged["loss"] == pytest.approx(sum(r["loss"] for r in results) / 4, rel=1e-5)
+    assert logged["samples_per_s"] > 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["batch_size"] == 4 and config["run"]["out"] == str(run)
+    launch = json.loads((run / "launch.json").read_text())
+    assert (launch["world_size"], launch["global_batch"]) == (4, 16)
+
+
+@pytest.mark.slow
+def test_signal_requeues_and_resumes_from_the_checkpoint(tmp_path: Path, photo_train: Path) -> None:
+    run = tmp_path / "run"
+    steps = 8
+    job_id = _launch(run, photo_train, nodes=2, tasks=1, steps=steps)
+    _wait("step 2", lambda: len(_metrics(run)) >= 2, 150, job_id, run)
+    # What SLURM sends before a time limit (submitit's job._interrupt() sends SIGTERM then this).
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    rank0, rank1 = _results(run, job_id, tasks=2, timeout=150)
+
+    assert rank0["step"] == rank1["step"] == steps
+    assert not rank0["preempted"]
+    resumed = Path(rank0["resumed_from"])
+    assert resumed.parent.parent == run, "resumed from a checkpoint in the same run folder"
+    log = (run / "submitit" / f"{job_id}_0_log.err").read_text()
+    stopped = [line for line in log.splitlines() if "requeueing" in line]
+    assert len(stopped) == 1, log
+    stop_step = int(stopped[0].split("at step ")[1].split(";")[0])
+    assert 2 <= stop_step < steps, "interrupted mid-run"
+    assert f"resuming from {resumed} (step {stop_step})" in log, "resumed where it stopped, not from step 0"
+    starts = (run / "submitit" / f"{job_id}_0_log.out").read_text().count("Starting with JobEnvironment")
+    assert starts == 2, "one requeue: the original run and the resumed one"
+    assert [m["step"] for m in _metrics(run)] == list(range(1, steps + 1))

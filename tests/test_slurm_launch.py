@@ -1,0 +1,110 @@
+"""slurm/launch.py without a cluster: the --dry-run script and plan, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slurm.launch import main
+from slurm.plan import parse_time
+
+LAUNCH = [sys.executable, "slurm/launch.py"]
+
+
+def test_dry_run_four_nodes_shows_the_paper_setup(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = subprocess.run(LAUNCH + ["--nodes", "4", "--dry-run", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for flag in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10",
+                 "--time=4320", "--signal=USR2@120", "--requeue"):
+        assert f"#SBATCH {flag}" in lines, flag
+    assert "world size 32" in r.stdout
+    assert "global batch 4096" in r.stdout
+    assert "lr: 0.3 x 4096 / 256 = 4.8" in lines
+    assert any(line.startswith("srun ") and "submitit.core._submit" in line for line in lines)
+    assert not out.exists(), "a dry run must not create the run folder"
+
+
+def test_dry_run_scales_batch_and_lr(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--nodes", "2", "--gpus-per-node", "4", "--batch-size", "1024", "--time", "1-00:00:00",
+                 "--partition", "gpu", "--account", "vision", "--qos", "high", "--mem", "480G",
+                 "--constraint", "volta32gb", "--exclude", "node7", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "batch: 128 per task x 8 = global batch 1024" in out
+    assert "lr: 0.3 x 1024 / 256 = 1.2" in out
+    for flag in ("--time=1440", "--partition=gpu", "--account=vision", "--qos=high", "--mem=480G",
+                 "--constraint=volta32gb", "--exclude=node7", "--ntasks-per-node=4"):
+        assert f"#SBATCH {flag}\n" in out, flag
+
+
+def test_dry_run_cpu_tasks(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "2", "--batch-per-gpu", "16",
+                 "--config", "demo", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --ntasks-per-node=2\n" in out
+    assert "--gpus-per-node" not in out
+    assert "global batch 64" in out
+
+
+def test_dry_run_shards_is_one_cpu_task(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["shards", "--src", str(tmp_path), "--out", str(tmp_path / "train.beton"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=32"):
+        assert f"#SBATCH {flag}\n" in out, flag
+    assert "--gpus-per-node" not in out
+
+
+@pytest.mark.parametrize("text, minutes", [("72:00:00", 4320), ("90", 90), ("1-12", 2160), ("0:30", 1),
+                                           ("1:30:01", 91), ("2-00:30:00", 2910)])
+def test_parse_time(text: str, minutes: int) -> None:
+    assert parse_time(text) == minutes
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "submitted" not in captured.out
+    return err
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--nodes", "0"], "--nodes must be at least 1"),
+    (["--nodes", "4", "--batch-size", "1000"], "not divisible by the world size 32"),
+    (["--gpus-per-node", "8", "--tasks-per-node", "2"], "one task runs per GPU"),
+    (["--time", "soon"], "--time 'soon'"),
+    (["--config", "nope"], "unknown config preset"),
+    (["--nodes", "2", "--local", "--gpus-per-node", "0", "--data", "."], "--local runs on this machine only"),
+])
+def test_bad_input_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str],
+                               expect: str) -> None:
+    out = tmp_path / "run"
+    assert expect in _one_line_error(capsys, argv + ["--out", str(out)])
+    assert not (out / "submitit").exists()
+
+
+def test_missing_data_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    err = _one_line_error(capsys, ["--gpus-per-node", "0", "--config", "demo", "--data", str(tmp_path / "nope"),
+                                   "--out", str(tmp_path / "run")])
+    assert "does not exist" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_no_sbatch_suggests_local_or_dry_run(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch, photo_train: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without sbatch
+    err = _one_line_error(capsys, ["--gpus-per-node", "0", "--config", "demo", "--data", str(photo_train),
+                                   "--out", str(tmp_path / "run")])
+    assert "sbatch not found" in err and "--local" in err and "--dry-run" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_script_exit_code_and_no_traceback() -> None:
+    r = subprocess.run(LAUNCH + ["--nodes", "0"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["python slurm/launch.py: error: --nodes must be at least 1, got 0"]
