@@ -64,8 +64,14 @@ def _write(tmp: str, samples: Sequence[Sample], max_res: int, quality: int, work
     from ffcv.fields import IntField, RGBImageField  # already imported by the parent: free after fork
     from ffcv.writer import DatasetWriter
 
+    class Writer(DatasetWriter):
+        def prepare(self) -> None:
+            super().prepare()
+            # Name the writer's shared memory, so the parent can free it if it must kill us.
+            Path(f"{tmp}.shm").write_text(self.metadata_sm.name)
+
     fields = {"image": RGBImageField(write_mode="jpg", jpeg_quality=quality), "label": IntField()}
-    DatasetWriter(tmp, fields, num_workers=workers).from_indexed_dataset(
+    Writer(tmp, fields, num_workers=workers).from_indexed_dataset(
         ShardSource(samples, max_res), chunksize=max(1, min(100, len(samples) // (workers * 4))))
 
 
@@ -89,6 +95,7 @@ def write_beton(out: Path, samples: Sequence[Sample], max_res: int, quality: int
         if proc.is_alive():
             os.killpg(proc.pid, signal.SIGKILL)
             proc.join()
+            _free_shared_memory(Path(f"{tmp}.shm"))
             raise RuntimeError(f"the FFCV writer did not finish within {timeout_s:.0f} s and was killed; "
                                f"nothing was written to {out}")
         if proc.exitcode != 0:
@@ -96,6 +103,18 @@ def write_beton(out: Path, samples: Sequence[Sample], max_res: int, quality: int
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+        Path(f"{tmp}.shm").unlink(missing_ok=True)
+
+
+def _free_shared_memory(name_file: Path) -> None:
+    from multiprocessing import shared_memory
+
+    try:
+        shm = shared_memory.SharedMemory(name=name_file.read_text())
+    except (OSError, ValueError):
+        return  # killed before it allocated any
+    shm.close()
+    shm.unlink()
 
 
 def _choose(samples: list[Sample], limit: int | None) -> list[Sample]:
