@@ -1,0 +1,229 @@
+"""FFCVMultiCropLoader: MultiCropBatch from an FFCV shard, every view cut from one decode.
+
+Order, sharding and resumption are ours, not FFCV's: each epoch is a permutation seeded
+by (seed, epoch); rank r takes every world_size-th element of it (all ranks get the same
+count; the remainder of N / world_size is left out that epoch, a different few each
+epoch); a restored loader skips the batches already consumed. FFCV then walks exactly
+that order. Pixel randomness is keyed by (seed, epoch, sample index) inside the numba
+kernels, so the same sample gets the same views whichever rank or batch reads it.
+
+On CUDA the uint8 views travel to the GPU and are normalized there; on CPU the copy out
+of FFCV's reused buffer is fused with the normalize.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import numba
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.loader import Loader
+from ffcv.pipeline import PipelineSpec
+from ffcv.reader import Reader
+from ffcv.traversal_order.base import TraversalOrder
+
+from mveb.errors import UsageError
+
+from .batch import MultiCropBatch
+from .ffcv_decoder import MultiCropDecoder
+from .recipe import MultiCropRecipe
+from .shards import build_shard, check_beton
+
+# FFCV runs the numba pipeline from its own thread; numba's fallback "workqueue" layer
+# aborts on concurrent parallel launches, OpenMP does not.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "omp"
+
+IMAGE_FIELD = "image"
+LABEL_FIELD = "label"
+SHARD_MAX_RES = 256
+SHARD_QUALITY = 90
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MVEB_CACHE_DIR", Path.home() / ".cache" / "mveb")) / "shards"
+
+
+def cached_shard(folder: str | Path, cache_dir: str | Path | None = None, workers: int | None = None) -> Path:
+    """The shard of an ImageFolder tree, built once into the cache and rebuilt when stale."""
+    folder = Path(folder).resolve()
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = hashlib.sha1(f"{folder}|{SHARD_MAX_RES}|{SHARD_QUALITY}".encode()).hexdigest()[:12]
+    shard = cache / f"{folder.name}-{key}.beton"
+    newest = max([folder.stat().st_mtime] + [e.stat().st_mtime for e in os.scandir(folder) if e.is_dir()])
+    if not shard.exists() or shard.stat().st_mtime < newest:
+        cache.mkdir(parents=True, exist_ok=True)
+        build_shard(folder, shard, max_res=SHARD_MAX_RES, quality=SHARD_QUALITY, workers=workers)
+    return shard
+
+
+class _PlannedOrder(TraversalOrder):
+    """An FFCV TraversalOrder that replays whatever order the wrapper planned next.
+
+    FFCV calls `order(loader)` to build its traversal object, so the instance returns
+    itself; `sample_order` ignores FFCV's epoch counter (ours is the one that counts).
+    """
+
+    def __init__(self, order: np.ndarray) -> None:  # no super(): FFCV's needs the loader we are building
+        self.order = order
+
+    def __call__(self, loader: Any) -> "_PlannedOrder":
+        return self
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.order
+
+
+class FFCVMultiCropLoader:
+    """MultiCropLoader over an FFCV .beton (or an ImageFolder, sharded into a cache first)."""
+
+    def __init__(self, data: str | Path, recipe: MultiCropRecipe, batch_size: int, *,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, workers: int | None = None, drop_last: bool = True,
+                 cache_dir: str | Path | None = None) -> None:
+        if batch_size < 1:
+            raise UsageError(f"batch size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise UsageError(f"rank {rank} is outside world size {world_size}")
+        path = Path(data)
+        if path.is_dir():
+            path = cached_shard(path, cache_dir, workers)
+        reader = _open_shard(path)
+        self.recipe = recipe
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.seed = int(seed)
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.path = path
+        self.num_samples = int(reader.num_samples)
+        self.per_rank = self.num_samples // world_size
+        if len(self) == 0:
+            raise UsageError(f"{path} has {self.per_rank} samples per rank, fewer than one batch of {batch_size}; "
+                             "use a smaller --batch-size")
+        self._epoch = 0
+        self._batches_done = 0
+        self._epoch_box = np.zeros(1, np.int64)
+        self._order = _PlannedOrder(self._remaining_order())
+        self.decoder = MultiCropDecoder(recipe, self.seed, self._epoch_box)
+        self.has_labels = LABEL_FIELD in reader.handlers
+        pipelines: dict[str, Any] = {IMAGE_FIELD: PipelineSpec(IMAGE_FIELD, decoder=self.decoder)}
+        for name in reader.handlers:
+            if name == LABEL_FIELD:
+                pipelines[name] = PipelineSpec(LABEL_FIELD, decoder=IntDecoder())
+            elif name != IMAGE_FIELD:
+                pipelines[name] = None
+        self._ffcv = Loader(str(path), batch_size=batch_size, num_workers=workers or os.cpu_count() or 1,
+                            order=self._order, pipelines=pipelines, drop_last=drop_last, batches_ahead=2)
+        self._mean = torch.tensor(recipe.mean, device=self.device) * 255
+        self._inv_std = 1 / (torch.tensor(recipe.std, device=self.device) * 255)
+        self._live: threading.Thread | None = None  # FFCV's EpochIterator is a thread
+
+    # ------------------------------------------------------------------ order and state
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.per_rank // self.batch_size
+        return -(-self.per_rank // self.batch_size)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """This rank's sample indices for `epoch`, in the order they are yielded."""
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        mine = perm[self.rank::self.world_size][: self.per_rank]
+        if self.drop_last:
+            mine = mine[: len(self) * self.batch_size]
+        return mine.astype(np.uint64)
+
+    def _remaining_order(self) -> np.ndarray:
+        return self.epoch_order(self._epoch)[self._batches_done * self.batch_size:]
+
+    def set_epoch(self, epoch: int) -> None:
+        # Setting the epoch the loader already stands in keeps a restored mid-epoch position.
+        if epoch != self._epoch:
+            self._epoch = int(epoch)
+            self._batches_done = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "batches_done": self._batches_done, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["seed"]) != self.seed:
+            raise UsageError(f"checkpoint loader seed {state['seed']} differs from this loader's seed {self.seed}; "
+                             "resume with the same seed")
+        if not 0 <= int(state["batches_done"]) <= len(self):
+            raise UsageError(f"checkpoint says {state['batches_done']} batches done, but an epoch has {len(self)}")
+        self._epoch = int(state["epoch"])
+        self._batches_done = int(state["batches_done"])
+
+    # ------------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[MultiCropBatch]:
+        self._stop_live()
+        if self._batches_done >= len(self):
+            self._epoch += 1
+            self._batches_done = 0
+        self._order.order = self._remaining_order()
+        self._epoch_box[0] = self._epoch
+        epoch_iter = iter(self._ffcv)
+        self._live = epoch_iter
+        return self._batches(epoch_iter)
+
+    def _batches(self, epoch_iter: Any) -> Iterator[MultiCropBatch]:
+        try:
+            for fields in epoch_iter:
+                batch = self._to_batch(fields[0], fields[1] if self.has_labels else None)
+                self._batches_done += 1
+                yield batch
+        finally:
+            # An abandoned generator may be collected after a newer epoch started: leave that one alone.
+            if self._live is epoch_iter:
+                self._stop_live()
+        self._epoch += 1
+        self._batches_done = 0
+
+    def _stop_live(self) -> None:
+        # A half-read epoch's FFCV thread must stop before the epoch box changes under it.
+        if self._live is not None:
+            epoch_iter, self._live = self._live, None
+            epoch_iter.close()
+            epoch_iter.join(timeout=60)
+
+    def _to_batch(self, images: np.ndarray, labels: np.ndarray | None) -> MultiCropBatch:
+        raw = torch.from_numpy(images)
+        if self.device.type != "cpu":
+            raw = raw.to(self.device, non_blocking=True)
+        r = self.recipe
+        split = r.n_global * r.global_size * r.global_size * 3
+        globals_ = self._normalized(raw[:, :split], r.n_global, r.global_size)
+        locals_ = self._normalized(raw[:, split:], r.n_local, r.local_size)
+        lab = None
+        if labels is not None:
+            lab = torch.from_numpy(labels.reshape(-1).astype(np.int64)).to(self.device)
+        return MultiCropBatch(globals_, locals_, lab)
+
+    def _normalized(self, raw: torch.Tensor, n: int, size: int) -> torch.Tensor:
+        """[B, n*size*size*3] uint8 (HWC per view) -> [n*B, 3, size, size] channels_last, view-major."""
+        b = raw.shape[0]
+        out = torch.empty((n, b, size, size, 3), dtype=torch.float32, device=self.device)
+        out.copy_(raw.view(b, n, size, size, 3).transpose(0, 1))
+        out.sub_(self._mean).mul_(self._inv_std)  # in fp32: a bf16 mean * 255 would be off by ~0.3
+        return out.to(self.dtype).view(n * b, size, size, 3).permute(0, 3, 1, 2)
+
+
+def _open_shard(path: Path) -> Any:
+    if not path.exists():
+        raise UsageError(f"{path} does not exist; pass an FFCV .beton shard or an ImageFolder root")
+    check_beton(path)
+    reader = Reader(str(path))
+    if IMAGE_FIELD not in reader.handlers:
+        raise UsageError(f"{path} has no '{IMAGE_FIELD}' field (fields: {', '.join(reader.handlers)}); "
+                         "build it with mveb shards")
+    return reader

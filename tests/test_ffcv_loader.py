@@ -1,0 +1,185 @@
+"""FFCVMultiCropLoader on a real shard of real photos: contract, seeding, resume, ranks.
+
+One compiled loader serves most tests (the first batch compiles the numba pipeline); a
+second one, rank 1 of 2, checks that a sample's views do not depend on who reads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ffcv.reader import Reader
+
+from mveb.errors import UsageError
+from pipeline.batch import MultiCropBatch
+from pipeline.ffcv_loader import FFCVMultiCropLoader
+from pipeline.recipe import MultiCropRecipe
+from pipeline.shards import build_shard
+
+RECIPE = MultiCropRecipe().with_views(2, 64, 2, 32)
+BATCH = 16
+
+
+@pytest.fixture(scope="session")
+def ffcv_shard(photo_train: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ffcv") / "train.beton"
+    build_shard(photo_train, out, workers=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shard_labels(ffcv_shard: Path) -> np.ndarray:
+    return Reader(str(ffcv_shard)).metadata["f1"].astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def loader(ffcv_shard: Path) -> FFCVMultiCropLoader:
+    return FFCVMultiCropLoader(ffcv_shard, RECIPE, BATCH, workers=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def epoch0(loader: FFCVMultiCropLoader) -> list[MultiCropBatch]:
+    loader.load_state_dict({"epoch": 0, "batches_done": 0, "seed": 0})
+    return list(loader)
+
+
+def same(a: MultiCropBatch, b: MultiCropBatch) -> bool:
+    return (torch.equal(a.global_views, b.global_views) and torch.equal(a.local_views, b.local_views)
+            and torch.equal(a.labels, b.labels))
+
+
+def test_batches_follow_the_contract(loader: FFCVMultiCropLoader, epoch0: list[MultiCropBatch]) -> None:
+    assert len(epoch0) == len(loader) == loader.num_samples // BATCH
+    lo = [(0 - m) / s for m, s in zip(RECIPE.mean, RECIPE.std)]
+    hi = [(1 - m) / s for m, s in zip(RECIPE.mean, RECIPE.std)]
+    for b in epoch0:
+        b.check(RECIPE, BATCH)
+        assert b.global_views.dtype == torch.float32 and b.labels.dtype == torch.int64
+        for t in (b.global_views, b.local_views):
+            per_channel = t.transpose(0, 1).reshape(3, -1)
+            assert (per_channel.min(1).values >= torch.tensor(lo) - 1e-4).all()
+            assert (per_channel.max(1).values <= torch.tensor(hi) + 1e-4).all()
+    allg = torch.cat([b.global_views for b in epoch0])
+    assert -1.0 < allg.mean().item() < 1.0 and 0.5 < allg.std().item() < 1.5  # normalized, not constant
+
+
+def test_views_are_grouped_view_major(epoch0: list[MultiCropBatch]) -> None:
+    """Global view 1 and view 2 of a sample are different crops of the same photo."""
+    g1, g2 = epoch0[0].views(2, 2)[:2]
+    assert not torch.equal(g1, g2)
+    # Crops of one photo share colour statistics far more than crops of different photos.
+    m1, m2 = g1.mean((2, 3)), g2.mean((2, 3))
+    same_photo = (m1 - m2).abs().mean().item()
+    other_photo = (m1 - m2.roll(1, 0)).abs().mean().item()
+    assert same_photo < other_photo
+
+
+def test_order_is_the_seeded_permutation(loader: FFCVMultiCropLoader, epoch0: list[MultiCropBatch],
+                                         shard_labels: np.ndarray) -> None:
+    order = loader.epoch_order(0)
+    got = torch.cat([b.labels for b in epoch0]).numpy()
+    np.testing.assert_array_equal(got, shard_labels[order.astype(np.int64)])
+    assert not np.array_equal(order, np.sort(order))
+    assert not np.array_equal(order, loader.epoch_order(1))
+
+
+def test_same_seed_replays_and_resumes_mid_epoch(loader: FFCVMultiCropLoader, epoch0: list[MultiCropBatch]) -> None:
+    loader.load_state_dict({"epoch": 0, "batches_done": 0, "seed": 0})
+    it = iter(loader)
+    head = [next(it) for _ in range(5)]
+    assert all(same(a, b) for a, b in zip(head, epoch0))
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "batches_done": 5, "seed": 0}
+    # A fresh iterator (as after a restart with load_state_dict) continues where it stopped.
+    loader.load_state_dict(state)
+    rest = list(loader)
+    assert len(rest) == len(epoch0) - 5
+    assert all(same(a, b) for a, b in zip(rest, epoch0[5:]))
+    assert loader.state_dict() == {"epoch": 1, "batches_done": 0, "seed": 0}
+
+
+def test_next_epoch_differs(loader: FFCVMultiCropLoader, epoch0: list[MultiCropBatch]) -> None:
+    loader.set_epoch(1)
+    first = next(iter(loader))
+    assert not torch.equal(first.global_views, epoch0[0].global_views)
+    assert loader.state_dict()["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_rank_views_match_single_process(ffcv_shard: Path, loader: FFCVMultiCropLoader,
+                                         epoch0: list[MultiCropBatch]) -> None:
+    """Rank 1 of 2 yields its half of the permutation, and each sample's views equal the
+    views the single-process loader made for it: augmentation is keyed by sample, not reader."""
+    r1 = FFCVMultiCropLoader(ffcv_shard, RECIPE, BATCH, workers=2, seed=0, rank=1, world_size=2)
+    r0_order = FFCVMultiCropLoader(ffcv_shard, RECIPE, BATCH, workers=1, seed=0, rank=0, world_size=2).epoch_order(0)
+    o1 = r1.epoch_order(0)
+    assert len(set(o1.tolist()) & set(r0_order.tolist())) == 0
+    assert len(o1) == len(r0_order) == len(r1) * BATCH
+    batch = next(iter(r1))
+    full = loader.epoch_order(0).tolist()
+    g_all = torch.cat([b.views(2, 2)[0] for b in epoch0])
+    l_all = torch.cat([b.views(2, 2)[3] for b in epoch0])
+    for k, sample in enumerate(o1[:BATCH].tolist()):
+        pos = full.index(sample)
+        assert torch.equal(batch.views(2, 2)[0][k], g_all[pos])
+        assert torch.equal(batch.views(2, 2)[3][k], l_all[pos])
+
+
+def test_rank_shards_partition_each_epoch(ffcv_shard: Path) -> None:
+    n = Reader(str(ffcv_shard)).num_samples
+    for world in (2, 3):
+        loaders = [FFCVMultiCropLoader(ffcv_shard, RECIPE, 8, seed=3, rank=r, world_size=world) for r in range(world)]
+        for epoch in (0, 1):
+            orders = [ld.epoch_order(epoch) for ld in loaders]
+            joined = np.concatenate(orders)
+            assert len(set(joined.tolist())) == len(joined)  # no sample on two ranks
+            assert len({len(o) for o in orders}) == 1  # equal step counts keep DDP in lockstep
+            assert len(joined) > n - world * 8  # at most a partial batch per rank is left out
+
+
+def test_bad_inputs_are_usage_errors(ffcv_shard: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="does not exist"):
+        FFCVMultiCropLoader(tmp_path / "missing.beton", RECIPE, 8)
+    junk = tmp_path / "junk.beton"
+    junk.write_bytes(b"not a shard" * 100)
+    with pytest.raises(UsageError, match="not a complete FFCV shard"):
+        FFCVMultiCropLoader(junk, RECIPE, 8)
+    truncated = tmp_path / "cut.beton"
+    truncated.write_bytes(ffcv_shard.read_bytes()[: ffcv_shard.stat().st_size // 2])
+    with pytest.raises(UsageError):
+        FFCVMultiCropLoader(truncated, RECIPE, 8)
+    with pytest.raises(UsageError, match="fewer than one batch"):
+        FFCVMultiCropLoader(ffcv_shard, RECIPE, 100_000)
+    with pytest.raises(UsageError, match="rank"):
+        FFCVMultiCropLoader(ffcv_shard, RECIPE, 8, rank=2, world_size=2)
+    ld = FFCVMultiCropLoader(ffcv_shard, RECIPE, 8, seed=1)
+    with pytest.raises(UsageError, match="seed"):
+        ld.load_state_dict({"epoch": 0, "batches_done": 0, "seed": 2})
+
+
+@pytest.mark.slow
+def test_image_folder_is_sharded_once_into_the_cache(photo_train: Path, tmp_path: Path) -> None:
+    ld = FFCVMultiCropLoader(photo_train, RECIPE, 8, cache_dir=tmp_path)
+    shards = list(tmp_path.glob("*.beton"))
+    assert shards == [ld.path] and ld.num_samples == sum(1 for _ in photo_train.rglob("*.jpg"))
+    stamp = ld.path.stat().st_mtime_ns
+    again = FFCVMultiCropLoader(photo_train, RECIPE, 8, cache_dir=tmp_path)
+    assert again.path == ld.path and again.path.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.gpu
+def test_cuda_batches_equal_cpu_batches(ffcv_shard: Path, epoch0: list[MultiCropBatch]) -> None:
+    gpu = FFCVMultiCropLoader(ffcv_shard, RECIPE, BATCH, device="cuda", workers=2, seed=0)
+    b = next(iter(gpu))
+    b.check(RECIPE, BATCH)
+    assert b.global_views.is_cuda and b.labels.is_cuda
+    torch.testing.assert_close(b.global_views.cpu(), epoch0[0].global_views, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.local_views.cpu(), epoch0[0].local_views, atol=1e-5, rtol=1e-5)
+    half = FFCVMultiCropLoader(ffcv_shard, RECIPE, BATCH, device="cuda", dtype=torch.bfloat16, workers=2, seed=0)
+    hb = next(iter(half))
+    hb.check(RECIPE, BATCH)
+    assert hb.global_views.dtype == torch.bfloat16
+    torch.testing.assert_close(hb.global_views.float().cpu(), epoch0[0].global_views, atol=0.05, rtol=0.02)
