@@ -20,27 +20,32 @@ _TORCH = TorchOps()
 
 
 def score_operator(
-    s: torch.Tensor, eta: float, min_tau: float, ops: TorchOps
+    z: torch.Tensor, s: torch.Tensor, eta: float, min_tau: float, ops: TorchOps
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(M [V, B, B], row sums of M * S [V, B], tau [V]) for Gram matrices S of unit rows.
+    """(M [V, B, B], row sums of M * S [V, B], tau [V]) for unit rows z and S = z z^T.
 
-    score = -M Z. A view whose fp32 Cholesky fails is redone in fp64 (one host sync).
+    score = -M Z. A view whose fp32 Cholesky fails is redone in fp64 from z (one host sync).
     """
     a, r, tau = ops.kernel_matrix(s, eta, min_tau)
     p, info = ops.spd_inverse(a)
+    m, ms = ops.operator(p, r, tau, s)
     failed = torch.nonzero(info).flatten().tolist()
     if failed:
-        p = p.clone()
-        p[failed] = _retry_fp64(s[failed], tau[failed], eta).to(p.dtype)
-    m, ms = ops.operator(p, r, tau, s)
+        m, ms = m.clone(), ms.clone()
+        m[failed], ms[failed] = (x.to(m.dtype) for x in _retry_fp64(z[failed], tau[failed], eta))
     return m, ms, tau
 
 
-def _retry_fp64(s: torch.Tensor, tau: torch.Tensor, eta: float) -> torch.Tensor:
-    """The views whose fp32 Cholesky failed, redone in fp64; NaN where even that fails."""
-    a, _ = _TORCH.exp_kernel(s.double(), tau.double(), eta)
+def _retry_fp64(z: torch.Tensor, tau: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, row sums of M * S) of the views whose fp32 Cholesky failed, from a fp64 Gram
+    matrix (exp of a true Gram matrix is positive definite; a rounded fp32 one may not be).
+    NaN where even fp64 fails."""
+    z = z.double()
+    s = torch.bmm(z, z.transpose(1, 2))
+    a, r = _TORCH.exp_kernel(s, tau.double(), eta)
     p, info = _TORCH.spd_inverse(a)
-    return p.masked_fill((info != 0)[:, None, None], math.nan)
+    m, ms = _TORCH.operator(p.masked_fill((info != 0)[:, None, None], math.nan), r, tau.double(), s)
+    return m, ms
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -57,7 +62,7 @@ class MvebLossFunction(torch.autograd.Function):
             views, b, _ = online.shape
             z, norms, t, rowdot = ops.normalize_align(online, targets, compute_dtype(online))
             s = ops.gram(z)
-            m, ms, tau = score_operator(s, eta, min_tau, ops)
+            m, ms, tau = score_operator(z, s, eta, min_tau, ops)
             align = rowdot.sum() / b
             entropy = ms.sum(dim=-1) / b
             loss = -(align + lam * entropy.sum()) / views
@@ -81,6 +86,6 @@ def entropy_score_batched(x: torch.Tensor, eta: float, min_tau: float, ops: Torc
     """-M X for unit rows x [V, B, D], computed in fp32 (fp64 for fp64 input)."""
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         z = x.to(compute_dtype(x))
-        m, _, _ = score_operator(ops.gram(z), eta, min_tau, ops)
+        m, _, _ = score_operator(z, ops.gram(z), eta, min_tau, ops)
         with ieee_fp32_matmul():
             return -torch.bmm(m, z)

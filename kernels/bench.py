@@ -1,0 +1,203 @@
+"""`mveb bench kernels`: ms per loss step (forward + backward, all views) and peak memory
+for each implementation, side by side in one run.
+
+GPU: CUDA events, peak = torch.cuda.max_memory_allocated above the inputs. CPU: wall
+clock, peak = the rise of the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs) during one step, with glibc told to map every large block
+afresh (mallopt), so freed memory is returned and the rise is the step's own. The literal B x B x D form is skipped where that
+tensor alone would not fit the memory budget, and Triton where there is no GPU; the table
+says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from kernels import mveb_loss
+from mveb.errors import UsageError
+
+BENCH_IMPLS = ("reference-literal", "reference", "torch", "triton")
+CPU_BATCH_SIZES = (128, 256, 512)
+CPU_LITERAL_BYTES = 256 << 20
+M_MMAP_THRESHOLD = -3
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Result:
+    impl: str
+    batch: int
+    ms: float | None = None
+    ms_min: float | None = None
+    peak_mib: float | None = None
+    steps: int = 0
+    skipped: str | None = None
+
+
+def run_bench_kernels(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    impls = _parse_impls(args.impls)
+    batches = _parse_batches(args.batch_sizes, device)
+    if args.views < 2 or args.dim < 1:
+        raise UsageError(f"--views must be >= 2 and --dim >= 1, got {args.views} and {args.dim}")
+    if args.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    results = []
+    for b, impl in tqdm([(b, i) for b in batches for i in impls], desc="bench kernels", unit="case"):
+        results.append(bench_one(impl, b, args.dim, args.views, DTYPES[args.dtype], device, args.seconds))
+    print(format_table(results, device, args))
+    if args.json:
+        _write_json(args.json, results, device, args)
+    return 0
+
+
+def bench_one(impl: str, b: int, d: int, views: int, dtype: torch.dtype, device: torch.device, seconds: float) -> Result:
+    reason = _skip_reason(impl, b, d, device)
+    if reason:
+        return Result(impl, b, skipped=reason)
+    gen = torch.Generator(device="cpu").manual_seed(b)
+    online = torch.randn(views, b, d, generator=gen).to(device, dtype).requires_grad_()
+    targets = torch.randn(2, b, d, generator=gen).to(device, dtype)
+
+    def step() -> None:
+        mveb_loss(online, targets, impl=impl).backward()
+        online.grad = None
+
+    try:
+        step()
+        peak = _peak_mib(step, device)
+        times = _time(step, device, seconds)
+    except torch.OutOfMemoryError:
+        return Result(impl, b, skipped="out of memory")
+    finally:
+        online.grad = None
+    return Result(impl, b, ms=statistics.median(times), ms_min=min(times), peak_mib=peak, steps=len(times))
+
+
+def _skip_reason(impl: str, b: int, d: int, device: torch.device) -> str | None:
+    if impl == "triton" and device.type != "cuda":
+        return "needs CUDA"
+    if impl == "reference-literal":
+        need = b * b * d * 4
+        budget = torch.cuda.get_device_properties(device).total_memory // 2 if device.type == "cuda" else CPU_LITERAL_BYTES
+        if need > budget:
+            return f"B x B x D tensor alone is {need / 2**30:.0f} GiB (budget {budget / 2**30:.0f} GiB)"
+    return None
+
+
+def _time(step: Callable[[], None], device: torch.device, seconds: float) -> list[float]:
+    """Per-step ms until `seconds` have passed (at least 3 steps on GPU, 2 on CPU, at most 200)."""
+    times: list[float] = []
+    start = time.perf_counter()
+    least = 3 if device.type == "cuda" else 2
+    while len(times) < least or (time.perf_counter() - start < seconds and len(times) < 200):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _peak_mib(step: Callable[[], None], device: torch.device) -> float | None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 256 << 10)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    base = _vm_kib("VmRSS")
+    step()
+    return (_vm_kib("VmHWM") - base) / 1024
+
+
+def _vm_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise UsageError(f"/proc/self/status has no {field}: peak memory on CPU needs Linux")
+
+
+def format_table(results: list[Result], device: torch.device, args: argparse.Namespace) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    lines = [f"MVEB loss fwd+bwd, {args.views} views, D={args.dim}, {args.dtype} inputs, {name}",
+             "| B | impl | ms/step (median) | ms (min) | peak MiB | vs reference | note |",
+             "|---|---|---|---|---|---|---|"]
+    ref = {r.batch: r.ms for r in results if r.impl == "reference" and r.ms}
+    for r in results:
+        if r.skipped:
+            lines.append(f"| {r.batch} | {r.impl} | - | - | - | - | skipped: {r.skipped} |")
+            continue
+        speed = f"{ref[r.batch] / r.ms:.2f}x" if r.batch in ref else "-"
+        peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "n/a"
+        lines.append(f"| {r.batch} | {r.impl} | {r.ms:.3f} | {r.ms_min:.3f} | {peak} | {speed} | {r.steps} steps |")
+    return "\n".join(lines)
+
+
+def _write_json(path: str, results: list[Result], device: torch.device, args: argparse.Namespace) -> None:
+    doc = {"bench": "kernels", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "views": args.views, "dim": args.dim, "dtype": args.dtype, "torch": torch.__version__,
+           "results": [asdict(r) for r in results]}
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UsageError(f"cannot write --json {path}: {e.strerror}") from e
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda but CUDA is not available here (use --device cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device must be cuda, cpu or auto, got {name!r}") from e
+
+
+def _parse_impls(text: str) -> list[str]:
+    impls = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [i for i in impls if i not in BENCH_IMPLS]
+    if bad or not impls:
+        raise UsageError(f"--impls takes a comma list of {', '.join(BENCH_IMPLS)}, got {text!r}")
+    return impls
+
+
+def _parse_batches(text: str | None, device: torch.device) -> list[int]:
+    if text is None:
+        return list(CPU_BATCH_SIZES) if device.type == "cpu" else [128, 256, 512, 1024, 4096]
+    try:
+        batches = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 2:
+        raise UsageError(f"--batch-sizes takes a comma list of integers >= 2, got {text!r}")
+    return batches
+
