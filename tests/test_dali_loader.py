@@ -10,17 +10,24 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mveb.errors import UsageError
 from pipeline.batch import MultiCropBatch
 from pipeline.dali_loader import DALIMultiCropLoader, read_file_list, write_file_list
-from pipeline.images import list_image_folder
+from pipeline.images import list_image_folder, open_rgb
 from pipeline.recipe import MultiCropRecipe
+from pipeline.torch_loader import TorchMultiCropLoader
 
 RECIPE = MultiCropRecipe().with_views(2, 64, 2, 32)
 TINY = MultiCropRecipe().with_views(1, 24, 1, 16)
+# Whole-image crops, every random op off, raw 0..255 pixels out: the decoded image itself.
+IDENTITY = replace(RECIPE.with_views(2, 32, 0, 16), global_scale=(1.0, 1.0), ratio=(0.01, 100.0), flip_p=0.0,
+                   jitter_p=0.0, grayscale_p=0.0, global_blur_p=(0.0, 0.0), global_solarize_p=(0.0, 0.0),
+                   mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +64,53 @@ def test_batches_follow_the_contract(photo_train: Path) -> None:
 
 
 def test_views_are_grouped_by_view_then_sample(indexed: list[tuple[str, int]]) -> None:
-    # Whole-image crops with every random op off: view 1 and view 2 of a sample are the
-    # same pixels, so equal halves prove the [view 1 of all samples, view 2 ...] order.
-    fixed = replace(RECIPE.with_views(2, 32, 0, 16), global_scale=(1.0, 1.0), ratio=(0.1, 10.0), flip_p=0.0,
-                    jitter_p=0.0, grayscale_p=0.0, global_blur_p=(0.0, 0.0), global_solarize_p=(0.0, 0.0))
-    batch = next(iter(DALIMultiCropLoader(indexed, fixed, 4)))
+    # View 1 and view 2 of a sample are the same pixels here, so equal halves prove the
+    # [view 1 of all samples, view 2 of all samples] order.
+    batch = next(iter(DALIMultiCropLoader(indexed, IDENTITY, 4)))
     first, second = batch.global_views.chunk(2)
     assert torch.equal(first, second)
     assert not torch.equal(first[0], first[1])
     assert batch.local_views.shape == (0, 3, 16, 16)
+
+
+def test_decodes_awkward_files_like_pil(photo_train: Path, tmp_path: Path) -> None:
+    # What `mveb validate` accepts, DALI must decode to the same upright 8-bit RGB as PIL.
+    rgb = open_rgb(next(photo_train.rglob("*.jpg"))).resize((48, 36))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways, "rotate 90 degrees clockwise to view"
+    files = {"cmyk.jpg": (rgb.convert("CMYK"), {}), "gray.jpg": (rgb.convert("L"), {}),
+             "png_named.jpg": (rgb, {"format": "PNG"}), "rotated.jpg": (rgb, {"exif": exif}),
+             "deep.png": (Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)), {})}
+    for name, (img, kwargs) in files.items():
+        img.save(tmp_path / name, quality=95, **kwargs)
+    samples = [(str(tmp_path / name), i) for i, name in enumerate(files)]
+    batch = next(iter(DALIMultiCropLoader(samples, IDENTITY, len(samples))))
+    for view, label in zip(batch.global_views[:len(samples)], batch.labels.tolist()):
+        ref = np.asarray(open_rgb(samples[label][0]).resize((32, 32), Image.BICUBIC), dtype=np.float32)
+        assert np.abs(view.permute(1, 2, 0).numpy() - ref).mean() < 2.0, samples[label][0]
+
+
+def test_each_op_fires_at_its_views_rate(photo_train: Path) -> None:
+    recipe = replace(IDENTITY, global_solarize_p=(0.0, 0.5))
+    first, second = next(iter(DALIMultiCropLoader(photo_train, recipe, 64))).global_views.chunk(2)
+    solarized = torch.where(first >= recipe.solarize_threshold, 255 - first, first)
+    hits = [torch.equal(b, s) for b, s in zip(second, solarized)]
+    misses = [torch.equal(b, a) for b, a in zip(second, first)]
+    assert all(h != m for h, m in zip(hits, misses))  # each sample: exactly solarized, or untouched
+    assert 0.3 < sum(hits) / len(hits) < 0.7
+
+
+@pytest.mark.slow
+def test_pixel_statistics_match_the_torchvision_reference(photo_train: Path) -> None:
+    stats = {}
+    for name, cls in (("dali", DALIMultiCropLoader), ("torch", TorchMultiCropLoader)):
+        batches = list(cls(photo_train, RECIPE, 32, seed=0, workers=2))
+        for views in ("global_views", "local_views"):
+            x = torch.cat([getattr(b, views) for b in batches]).float()
+            stats[name, views] = (x.mean().item(), x.std().item())
+    for views in ("global_views", "local_views"):
+        (dm, ds), (tm, ts) = stats["dali", views], stats["torch", views]
+        assert abs(dm - tm) < 0.12 and abs(ds - ts) < 0.08, (views, stats)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
