@@ -3,7 +3,8 @@
 `DALIMultiCropLoader` follows the `MultiCropLoader` protocol and yields `MultiCropBatch`es
 built by the graph in `dali_graph.py`. DALI stops at the first file it cannot decode, so
 it only ever reads validated files: an ImageFolder root is scanned first (broken files are
-reported and left out), a file list (`mveb validate --fix-list`) is trusted as it is.
+reported and left out); a (path, label) list, e.g. `read_fix_list` of `mveb validate
+--fix-list`'s output, is trusted as it is.
 
 Epochs: every rank reads its own fixed shard (DALI pads the shard's last batch). Iterating
 yields the current epoch from `batches_done` on; with drop_last every rank yields
@@ -32,57 +33,30 @@ from mveb.errors import UsageError
 
 from .batch import MultiCropBatch
 from .dali_graph import OUTPUT_DTYPES, build_pipeline
-from .images import Sample, open_rgb
+from .images import Sample
 from .recipe import MultiCropRecipe
 from .torch_loader import resolve_samples
+from .validate import scan
 
 DataSource = str | Path | Sequence[Sample]
 
 
-def read_file_list(path: str | Path) -> list[Sample]:
-    """(path, label) pairs of a DALI file list ("path label" per line; the label is the last
-    field, so paths may hold spaces); relative paths are taken from the list's folder."""
-    path = Path(path)
-    samples = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        fields = line.rsplit(maxsplit=1)
-        if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
-            raise UsageError(f"{path}:{n} is not '<path> <integer label>'; pass a list from `mveb validate --fix-list`")
-        samples.append((str(path.parent / fields[0]), int(fields[1])))
-    if not samples:
-        raise UsageError(f"{path} lists no images")
-    return samples
-
-
 def write_file_list(samples: Sequence[Sample], path: str | Path) -> None:
+    """DALI's file_list format with absolute paths: "path label" per line (DALI takes the
+    last field as the label, so paths may hold spaces)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(f"{os.path.abspath(p)} {y}\n" for p, y in samples))
     os.replace(tmp, path)
 
 
-def _decodable(samples: Sequence[Sample]) -> tuple[list[Sample], list[tuple[str, str]]]:
-    good, bad = [], []
-    for path, label in samples:
-        try:
-            open_rgb(path)
-        except Exception as e:  # noqa: BLE001 - any decoder failure means "leave this file out"
-            bad.append((path, f"{type(e).__name__}: {e}"))
-        else:
-            good.append((path, label))
-    return good, bad
-
-
-def resolve_dali_samples(data: DataSource) -> tuple[list[Sample], list[tuple[str, str]]]:
-    """(files DALI may read, files left out with the reason)."""
-    if isinstance(data, (str, Path)) and Path(data).is_file() and not str(data).endswith(".beton"):
-        return read_file_list(data), []
-    _, samples = resolve_samples(data)
+def resolve_dali_samples(data: DataSource, workers: int) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """(files DALI may read, files left out with the reason): a folder is fully decoded
+    first (`mveb validate`'s scan); a (path, label) list is taken as already validated."""
     if isinstance(data, (str, Path)):
-        return _decodable(samples)
-    return samples, []
+        result = scan(data, workers)
+        return result.good, result.bad
+    return resolve_samples(data)[1], []
 
 
 def _shard_size(n: int, shard: int, shards: int) -> int:
@@ -106,7 +80,7 @@ class DALIMultiCropLoader:
     the GPU, `device="cpu"` runs the same graph on DALI's CPU backend.
 
     `data`: an ImageFolder root (scanned; broken files are reported in `skipped` and left
-    out), a DALI file list from `mveb validate --fix-list`, or a list of (path, label).
+    out) or a list of validated (path, label), e.g. `pipeline.validate.read_fix_list(...)`.
     `workers`: DALI CPU threads (default: the cores this process may use).
     """
 
@@ -123,7 +97,7 @@ class DALIMultiCropLoader:
         self.recipe, self.batch_size, self.dtype = recipe, batch_size, dtype
         self.seed, self.rank, self.world_size, self.drop_last = seed, rank, world_size, drop_last
         self.workers = workers or len(os.sched_getaffinity(0))
-        self.samples, self.skipped = resolve_dali_samples(data)
+        self.samples, self.skipped = resolve_dali_samples(data, self.workers)
         if self.skipped:
             path, reason = self.skipped[0]
             sys.stderr.write(f"warning: {len(self.skipped)} file(s) cannot be decoded and are left out "

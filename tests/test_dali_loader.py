@@ -17,7 +17,7 @@ from PIL import Image
 
 from mveb.errors import UsageError
 from pipeline.batch import MultiCropBatch
-from pipeline.dali_loader import DALIMultiCropLoader, read_file_list, write_file_list
+from pipeline.dali_loader import DALIMultiCropLoader
 from pipeline.images import list_image_folder, open_rgb
 from pipeline.recipe import MultiCropRecipe
 from pipeline.torch_loader import TorchMultiCropLoader
@@ -212,14 +212,12 @@ def test_broken_files_are_left_out_and_reported(photo_train: Path, tmp_path: Pat
     assert len(_epoch(loader)) == len(loader) == (len(good) - 1) // 8
 
 
-def test_file_list_round_trip(tmp_path: Path, indexed: list[tuple[str, int]]) -> None:
+def test_paths_with_spaces(tmp_path: Path, indexed: list[tuple[str, int]]) -> None:
     odd = tmp_path / "with space"
     odd.mkdir()
     shutil.copy(indexed[0][0], odd / "a b.jpg")
     samples = [(str(odd / "a b.jpg"), 7)] + indexed[1:8]
-    write_file_list(samples, tmp_path / "list.txt")
-    assert read_file_list(tmp_path / "list.txt") == samples
-    batch = next(iter(DALIMultiCropLoader(tmp_path / "list.txt", TINY, 8)))
+    batch = next(iter(DALIMultiCropLoader(samples, TINY, 8)))
     assert sorted(batch.labels.tolist()) == sorted(y for _, y in samples)
 
 
@@ -237,9 +235,8 @@ def test_user_errors(indexed: list[tuple[str, int]], kwargs: dict, message: str)
 def test_bad_paths_are_user_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="does not exist"):
         DALIMultiCropLoader(tmp_path / "missing", TINY, 4)
-    (tmp_path / "list.txt").write_text("just-a-path.jpg\n")
-    with pytest.raises(UsageError, match="integer label"):
-        DALIMultiCropLoader(tmp_path / "list.txt", TINY, 4)
+    with pytest.raises(UsageError, match="no class subfolders"):
+        DALIMultiCropLoader(tmp_path, TINY, 4)
 
 
 @pytest.mark.gpu
