@@ -1,0 +1,58 @@
+"""`mveb bench kernels`: a tiny real run on this machine, its JSON, and its user errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mveb.cli import main
+
+
+def test_bench_kernels_cpu_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "kernels.json"
+    rc = main(["bench", "kernels", "--device", "cpu", "--batch-sizes", "8,13", "--dim", "32", "--views", "3",
+               "--seconds", "0", "--json", str(out)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "| 13 | torch |" in table and "skipped: needs CUDA" in table
+    doc = json.loads(out.read_text())
+    assert doc["views"] == 3 and doc["dim"] == 32
+    rows = {(r["impl"], r["batch"]): r for r in doc["results"]}
+    assert set(rows) == {(i, b) for i in ("reference-literal", "reference", "torch", "triton") for b in (8, 13)}
+    for impl in ("reference-literal", "reference", "torch"):
+        assert rows[(impl, 13)]["ms"] > 0 and rows[(impl, 13)]["steps"] >= 2
+    assert rows[("triton", 8)]["skipped"] == "needs CUDA"
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_bench_kernels_skips_literal_beyond_memory_budget(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "kernels", "--device", "cpu", "--batch-sizes", "4096", "--impls", "reference-literal"])
+    assert rc == 0
+    assert "skipped: B x B x D tensor alone is 128 GiB" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "cpu", "--impls", "fused"], "--impls takes a comma list"),
+    (["--device", "cpu", "--batch-sizes", "1,x"], "--batch-sizes takes a comma list"),
+    (["--device", "cpu", "--views", "1"], "--views must be >= 2"),
+    (["--device", "cpu", "--dtype", "fp8"], "--dtype must be one of"),
+    (["--device", "cuda"], "CUDA is not available"),
+])
+def test_bench_kernels_user_errors_are_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if argv[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert main(["bench", "kernels", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+@pytest.mark.gpu
+def test_bench_kernels_cuda_runs_every_impl(tmp_path: Path) -> None:
+    out = tmp_path / "kernels.json"
+    assert main(["bench", "kernels", "--device", "cuda", "--batch-sizes", "128", "--seconds", "0.2", "--json", str(out)]) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    assert all(rows[i]["ms"] > 0 and rows[i]["peak_mib"] >= 0 for i in ("reference-literal", "reference", "torch", "triton"))

@@ -1,0 +1,148 @@
+"""The Triton implementation against the literal form: on CPU under TRITON_INTERPRET=1 (tiny
+sizes, in a subprocess so the interpreter is on before triton is imported), and on CUDA."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_kernels_math import LAM, literal_loss_and_grad, make_views, rel
+
+# (kind, V, B, D, input dtype): odd B, tiles that do not divide B or D, collapse (tau = 0.1)
+INTERPRETER_CASES = [
+    ("random", 2, 5, 7, "float32"),
+    ("clustered", 3, 19, 20, "float32"),
+    ("collapsed", 2, 12, 16, "float32"),
+    ("random", 2, 6, 8, "bfloat16"),
+]
+
+
+def _case_inputs(case: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    kind, views, b, d, dtype = case
+    online, targets = make_views(kind, views, b, d, seed=b * d, dtype=getattr(torch, dtype))
+    return online.detach(), targets
+
+
+def _run_cases(out: Path) -> None:
+    """Runs in the TRITON_INTERPRET=1 subprocess: Triton results for every case, saved."""
+    from kernels import mveb_loss
+    from kernels.torch_ops import TorchOps
+    from kernels.triton_ops import TritonOps
+
+    results: dict[str, object] = {}
+    for case in INTERPRETER_CASES:
+        online, targets = _case_inputs(case)
+        online.requires_grad_()
+        loss, parts = mveb_loss(online, targets, impl="triton", return_parts=True)
+        loss.backward()
+        results[str(case)] = {"loss": loss.detach(), "grad": online.grad, "tau": parts["tau"], **parts}
+    # The radix select on ties, negative zero and a NaN-free spread of signs and exponents.
+    g = torch.Generator().manual_seed(0)
+    s = torch.tensor([-0.0, 0.0, 1.0, -1.0, 0.5, -0.5, 1e-30, -1e-30])[torch.randint(8, (3, 7, 7), generator=g)]
+    s[2] = torch.randn(7, 7, generator=g).clamp(-1, 1)
+    results["select"] = {"triton": TritonOps().kernel_matrix(s, 0.01, 0.1), "torch": TorchOps().kernel_matrix(s, 0.01, 0.1)}
+    bad = _case_inputs(INTERPRETER_CASES[0])[0]
+    bad[1, 2, 3] = float("nan")
+    results["nan"] = mveb_loss(bad, _case_inputs(INTERPRETER_CASES[0])[1], impl="triton")
+    torch.save(results, out)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("triton") / "results.pt"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", INTERPRETER_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_interpreted_triton_matches_literal(interpreted: dict, case: tuple) -> None:
+    got = interpreted[str(case)]
+    online, targets = _case_inputs(case)
+    want_loss, want_grad = literal_loss_and_grad(online.double(), targets.double())
+    assert got["grad"].dtype == online.dtype
+    # fp32 bound as in test_kernels_math: 1e-4 relative near collapse (cond(K + eta I) ~ 1e6)
+    loss_tol = 2e-3 if case[-1] == "bfloat16" else (1e-4 if case[0] == "collapsed" else 1e-5)
+    assert abs(got["loss"].item() - want_loss.item()) <= loss_tol * max(1.0, abs(want_loss.item()))
+    if case[0] != "collapsed":
+        assert rel(got["grad"], want_grad) <= (1e-2 if case[-1] == "bfloat16" else 1e-4)
+    if case[0] == "collapsed":
+        assert torch.allclose(got["tau"], torch.full_like(got["tau"], 0.1))
+    # the same fp32 math as the torch op set, step for step
+    o = online.detach().requires_grad_()
+    from kernels import mveb_loss
+
+    ref = mveb_loss(o, targets, impl="torch")
+    ref.backward()
+    assert abs(got["loss"].item() - ref.item()) <= min(loss_tol, 1e-4) * max(1.0, abs(ref.item()))
+    assert got["align"].item() == pytest.approx(-(ref.item() * case[1] + LAM * case[1] * got["entropy"].item()), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_interpreted_radix_select_is_exact(interpreted: dict) -> None:
+    (a, r, tau), (a_ref, r_ref, tau_ref) = interpreted["select"]["triton"], interpreted["select"]["torch"]
+    assert torch.equal(tau, tau_ref)
+    assert torch.allclose(a, a_ref, rtol=1e-6, atol=0) and torch.allclose(r, r_ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow
+def test_interpreted_nan_input_gives_nan_loss(interpreted: dict) -> None:
+    assert torch.isnan(interpreted["nan"])
+
+
+GPU_CASES = [("random", 8, 256, 2048), ("clustered", 8, 128, 2048), ("collapsed", 8, 256, 2048),
+             ("random", 3, 77, 300), ("random", 8, 1024, 2048)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_cuda_triton_and_torch_match_reference(case: tuple, dtype: torch.dtype) -> None:
+    from kernels import mveb_loss
+
+    online, targets = make_views(*case, seed=case[2], dtype=dtype)
+    online, targets = online.detach().cuda(), targets.cuda()
+    want = mveb_loss(online.double(), targets.double(), impl="reference")
+    o64 = online.double().requires_grad_()
+    mveb_loss(o64, targets.double(), impl="reference").backward()
+    for impl in ("triton", "torch", "auto"):
+        o = online.clone().requires_grad_()
+        loss, parts = mveb_loss(o, targets, impl=impl, return_parts=True)
+        loss.backward()
+        tol = 2e-3 if dtype == torch.bfloat16 else 1e-4
+        assert abs(loss.item() - want.item()) <= tol * max(1.0, abs(want.item())), impl
+        assert o.grad.dtype == dtype and torch.isfinite(o.grad).all()
+        if case[0] == "random" and dtype == torch.float32:
+            assert rel(o.grad, o64.grad) <= 1e-3, impl
+        if case[0] == "collapsed":
+            assert torch.allclose(parts["tau"], torch.full_like(parts["tau"], 0.1)), impl
+
+
+@pytest.mark.gpu
+def test_cuda_triton_survives_tf32_and_autocast() -> None:
+    """Global TF32 on and bf16 autocast: S is still IEEE fp32, so tau matches the fp64 one."""
+    from kernels import mveb_loss
+
+    online, targets = make_views("collapsed", 8, 256, 2048, seed=1, dtype=torch.float32)
+    online, targets = online.detach().cuda(), targets.cuda()
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, parts = mveb_loss(online, targets, impl="triton", return_parts=True)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+    assert torch.backends.cuda.matmul.fp32_precision == before
+    ref = mveb_loss(online.double(), targets.double(), impl="reference")
+    assert torch.isfinite(loss) and abs(loss.item() - ref.item()) <= 1e-4 * max(1.0, abs(ref.item()))
+
+
+if __name__ == "__main__":
+    _run_cases(Path(sys.argv[1]))
