@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 
-from mveb.errors import not_implemented
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="decode every image of an ImageFolder tree and report broken files",
@@ -52,4 +50,10 @@ def add_bench_loader_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=20.0, help="timed seconds per backend after warm-up")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", default=None, help="write results as JSON here")
-    p.set_defaults(func=lambda a: not_implemented("bench loader"))
+    p.set_defaults(func=_bench_loader)
+
+
+def _bench_loader(a: argparse.Namespace) -> int:
+    from .bench import bench_loader_command
+
+    return bench_loader_command(a.data, a.backends, a.batch_size, a.workers, a.seconds, a.device, a.json)

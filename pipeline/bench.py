@@ -1,0 +1,132 @@
+"""`mveb bench loader`: images/s of each loader backend, side by side in one run.
+
+One image is one sample with all its views. Per backend, in this order and apart:
+setup (the FFCV shard, built or found in the cache), compile (construction to the first
+batch: worker start, numba JIT, DALI pipeline build), a short warm-up that drains what the
+workers prefetched while we waited, then `seconds` of timed batches, crossing epochs as
+needed. A backend that is not installed, or fails, is reported with the reason and the
+others still run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mveb.errors import UsageError
+
+from .loaders import BACKENDS, build_loader, check_data, loader_class
+from .recipe import DEFAULT_RECIPE, MultiCropRecipe
+from .validate import write_atomic
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prepare_data(backend: str, data: str, workers: int | None) -> str:
+    """What the backend reads; for FFCV the cached shard, built here outside any timing."""
+    if backend == "ffcv" and not data.endswith(".beton"):
+        from .ffcv_loader import cached_shard
+
+        return str(cached_shard(data, workers=workers))
+    return data
+
+
+def bench_backend(backend: str, data: str, recipe: MultiCropRecipe, batch_size: int, workers: int | None,
+                  seconds: float, device: torch.device, warmup_s: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"backend": backend}
+    try:
+        loader_class(backend)
+    except UsageError as e:
+        return {**row, "skipped": str(e)}
+    try:
+        t = time.perf_counter()
+        source = _prepare_data(backend, data, workers)
+        row["setup_s"] = round(time.perf_counter() - t, 3)
+
+        t = time.perf_counter()
+        loader = build_loader(backend, source, recipe, batch_size, device=device, seed=0, workers=workers)
+        batches = iter(loader)
+        next(batches)
+        _sync(device)
+        row["compile_s"] = round(time.perf_counter() - t, 3)
+
+        def next_batch() -> None:
+            nonlocal batches
+            try:
+                next(batches)
+            except StopIteration:  # next epoch: the loader advanced itself
+                batches = iter(loader)
+                next(batches)
+
+        t = time.perf_counter()
+        while time.perf_counter() - t < warmup_s:
+            next_batch()
+        _sync(device)
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < seconds:
+            next_batch()
+            n += 1
+        _sync(device)
+        elapsed = time.perf_counter() - t
+    except UsageError as e:  # e.g. a .beton given to a backend that reads folders
+        return {**row, "skipped": str(e)}
+    except Exception as e:  # noqa: BLE001 - one broken backend must not hide the others' numbers
+        traceback.print_exc()
+        return {**row, "error": f"{type(e).__name__}: {e}"}
+    images = n * batch_size
+    return {**row, "images_per_s": round(images / elapsed, 2), "views_per_s": round(images * recipe.n_views / elapsed, 1),
+            "batches": n, "images": images, "timed_s": round(elapsed, 3), "warmup_s": warmup_s}
+
+
+def bench_loaders(data: str | Path, backends: list[str], batch_size: int = 64, workers: int | None = None,
+                  seconds: float = 20.0, device: str = "cpu", recipe: MultiCropRecipe = DEFAULT_RECIPE,
+                  warmup_s: float | None = None) -> dict[str, Any]:
+    """{"results": [{"backend", "images_per_s", "compile_s", ...}], ...} for `backends` on `data`."""
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise UsageError(f"unknown backend(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(BACKENDS)}")
+    if seconds <= 0 or batch_size < 1:
+        raise UsageError("--seconds must be positive and --batch-size at least 1")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but CUDA is not available here; use --device cpu")
+    data = str(data)
+    check_data("torch" if not data.endswith(".beton") else "ffcv", data)
+    warmup_s = min(5.0, seconds / 4) if warmup_s is None else warmup_s
+    results = [bench_backend(b, data, recipe, batch_size, workers, seconds, dev, warmup_s) for b in backends]
+    return {"results": results, "data": data, "device": str(dev), "batch_size": batch_size,
+            "workers": workers or os.cpu_count(), "cpu_count": os.cpu_count(), "seconds": seconds,
+            "views": f"{recipe.n_global}x{recipe.global_size}+{recipe.n_local}x{recipe.local_size}",
+            "recipe": recipe.to_dict()}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"loader benchmark: {report['views']} views, batch {report['batch_size']}, {report['workers']} workers, "
+             f"device {report['device']}",
+             f"{'backend':8} {'images/s':>9} {'views/s':>9} {'compile s':>10} {'setup s':>8}  note"]
+    for r in report["results"]:
+        if "images_per_s" in r:
+            lines.append(f"{r['backend']:8} {r['images_per_s']:9.1f} {r['views_per_s']:9.0f} {r['compile_s']:10.1f} "
+                         f"{r['setup_s']:8.1f}")
+        else:
+            lines.append(f"{r['backend']:8} {'-':>9} {'-':>9} {'-':>10} {'-':>8}  {r.get('skipped') or r.get('error')}")
+    return "\n".join(lines)
+
+
+def bench_loader_command(data: str, backends: str, batch_size: int, workers: int | None, seconds: float,
+                         device: str, json_path: str | None) -> int:
+    report = bench_loaders(data, [b.strip() for b in backends.split(",") if b.strip()], batch_size, workers,
+                           seconds, device)
+    print(format_table(report))
+    if json_path:
+        write_atomic(json_path, json.dumps(report, indent=1) + "\n")
+    return 0
