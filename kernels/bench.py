@@ -26,7 +26,9 @@ from tqdm import tqdm
 from kernels import mveb_loss
 from mveb.errors import UsageError
 
-BENCH_IMPLS = ("reference-literal", "reference", "torch", "triton")
+# triton-cholesky: the Triton path with cuSOLVER's Cholesky instead of the sweep, to see
+# which inverts K + eta I faster at each B.
+BENCH_IMPLS = ("reference-literal", "reference", "torch", "triton", "triton-cholesky")
 CPU_BATCH_SIZES = (128, 256, 512)
 CPU_LITERAL_BYTES = 256 << 20
 M_MMAP_THRESHOLD = -3
@@ -69,8 +71,10 @@ def bench_one(impl: str, b: int, d: int, views: int, dtype: torch.dtype, device:
     online = torch.randn(views, b, d, generator=gen).to(device, dtype).requires_grad_()
     targets = torch.randn(2, b, d, generator=gen).to(device, dtype)
 
+    loss_fn = _loss_fn(impl)
+
     def step() -> None:
-        mveb_loss(online, targets, impl=impl).backward()
+        loss_fn(online, targets).backward()
         online.grad = None
 
     try:
@@ -84,8 +88,18 @@ def bench_one(impl: str, b: int, d: int, views: int, dtype: torch.dtype, device:
     return Result(impl, b, ms=statistics.median(times), ms_min=min(times), peak_mib=peak, steps=len(times))
 
 
+def _loss_fn(impl: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if impl != "triton-cholesky":
+        return lambda online, targets: mveb_loss(online, targets, impl=impl)
+    from kernels.loss import MvebLossFunction
+    from kernels.triton_ops import TritonOps
+
+    ops = TritonOps(sweep_max_b=0)
+    return lambda online, targets: MvebLossFunction.apply(online, targets, 0.01, 0.01, 0.1, ops)[0]
+
+
 def _skip_reason(impl: str, b: int, d: int, device: torch.device) -> str | None:
-    if impl == "triton" and device.type != "cuda":
+    if impl.startswith("triton") and device.type != "cuda":
         return "needs CUDA"
     if impl == "reference-literal":
         need = b * b * d * 4

@@ -8,6 +8,8 @@
   row sums r, in one read of S.
 - operator: M = P diag(r) / tau and the row sums of M * S (the entropy and the row dots
   the backward needs), in one read of P and S.
+- sweep_step: one block step of the in-place inversion of the SPD K + eta' I (a
+  Gauss-Jordan sweep, Schur complements by tl.dot), with a failure flag per view.
 - grad_online: the whole backward, M Z (IEEE fp32 tl.dot) with the alignment target, the
   scale and the normalization's backward fused into the GEMM epilogue.
 All work in fp32; inputs may be fp32, bf16 or fp16.
@@ -161,3 +163,60 @@ def grad_online_kernel(
     n = tl.load(norms_ptr + v * B + rows, mask=rows < B, other=1.0)
     grad = (dz - z * c[:, None]) / n[:, None]
     tl.store(out_ptr + zbase + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _padded_tile(a_ptr, base, B, r0, c0, T: tl.constexpr):
+    """A tile of A padded to whole tiles with the identity (its inverse stays the identity)."""
+    rows = r0 + tl.arange(0, T)
+    cols = c0 + tl.arange(0, T)
+    inside = (rows[:, None] < B) & (cols[None, :] < B)
+    eye = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
+    return tl.where(inside, tl.load(a_ptr + base + rows[:, None] * B + cols[None, :], mask=inside, other=0.0), eye)
+
+
+@triton.jit
+def _sweep_tile(d, T: tl.constexpr):
+    """(-D^{-1}, failed) for a SPD tile by T one-index sweeps; failed when a pivot is not > 0."""
+    idx = tl.arange(0, T)
+    failed = tl.zeros((), dtype=tl.int32)
+    for p in range(T):
+        on_row = idx[:, None] == p
+        on_col = idx[None, :] == p
+        col = tl.sum(tl.where(on_col, d, 0.0), axis=1)
+        row = tl.sum(tl.where(on_row, d, 0.0), axis=0)
+        pivot = tl.sum(tl.where(idx == p, col, 0.0), axis=0)
+        failed = tl.maximum(failed, tl.where(pivot > 0, 0, 1))
+        rest = d - col[:, None] * row[None, :] / pivot
+        d = tl.where(on_row & on_col, -1.0 / pivot,
+                     tl.where(on_row, row[None, :] / pivot, tl.where(on_col, col[:, None] / pivot, rest)))
+    return d, failed
+
+
+@triton.jit
+def sweep_step_kernel(a_in, a_out, info_ptr, B, K, sign, T: tl.constexpr):
+    """One block step of the symmetric sweep (block Gauss-Jordan without pivoting, stable for
+    SPD): after sweeping every diagonal block, A has become -A^{-1}. Reads a_in, writes
+    a_out (ping-pong, so tiles of one step never race); sign = -1 on the last step."""
+    v = tl.program_id(0)
+    bi = tl.program_id(1)
+    bj = tl.program_id(2)
+    base = v.to(tl.int64) * B * B
+    k0 = K * T
+    neg_dinv, failed = _sweep_tile(_padded_tile(a_in, base, B, k0, k0, T), T)
+    if bi == K:
+        if bj == K:
+            out = neg_dinv
+        else:
+            out = -tl.dot(neg_dinv, _padded_tile(a_in, base, B, k0, bj * T, T), input_precision="ieee")
+    else:
+        left = tl.dot(_padded_tile(a_in, base, B, bi * T, k0, T), neg_dinv, input_precision="ieee")
+        if bj == K:
+            out = -left
+        else:
+            a_kj = _padded_tile(a_in, base, B, k0, bj * T, T)
+            out = tl.dot(left, a_kj, _padded_tile(a_in, base, B, bi * T, bj * T, T), input_precision="ieee")
+    rows = bi * T + tl.arange(0, T)
+    cols = bj * T + tl.arange(0, T)
+    tl.store(a_out + base + rows[:, None] * B + cols[None, :], out * sign, mask=(rows[:, None] < B) & (cols[None, :] < B))
+    tl.store(info_ptr + v, failed, mask=(bi == K) & (bj == K) & (failed > 0))

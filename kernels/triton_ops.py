@@ -1,9 +1,10 @@
 """The op set of kernels/torch_ops.py with the fusable steps as Triton kernels (fp32 only).
 
-Cholesky and the B-wide triangular inverse stay on cuSOLVER/cuBLAS (inherited); fp64
-inputs take the inherited PyTorch steps, so tests can still compare at 1e-10.
-Forward: normalize_align (1 launch), Gram (cuBLAS), radix select (1 fill + 4 launches),
-kernel matrix (1), Cholesky and inverse, operator (1). Backward: 1 launch.
+Forward: normalize_align (1 launch), Gram (cuBLAS SGEMM), radix select (1 fill + 4
+launches), kernel matrix (1), the SPD inverse by a blocked sweep (B / 32 launches for
+B <= 512; cuSOLVER Cholesky and a B-wide triangular inverse above), operator (1).
+Backward: 1 launch. fp64 inputs take the inherited PyTorch steps, so tests can still
+compare at 1e-10.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from kernels import triton_kernels as tk
 from kernels.torch_ops import TorchOps
 
 # Small tiles keep the interpreter (TRITON_INTERPRET=1, CPU tests) fast; GPUs get real tiles.
-_TILE_GPU = {"rows": 32, "cols": 128, "radix": 4096, "gemm_m": 64, "gemm_n": 64, "gemm_k": 32}
-_TILE_CPU = {"rows": 16, "cols": 16, "radix": 256, "gemm_m": 16, "gemm_n": 16, "gemm_k": 16}
+_TILE_GPU = {"rows": 32, "cols": 128, "radix": 4096, "gemm_m": 64, "gemm_n": 64, "gemm_k": 32, "sweep": 32}
+_TILE_CPU = {"rows": 16, "cols": 16, "radix": 256, "gemm_m": 16, "gemm_n": 16, "gemm_k": 16, "sweep": 16}
+SWEEP_MAX_B = 512
 
 
 def _tiles(x: torch.Tensor) -> dict[str, int]:
@@ -24,7 +26,12 @@ def _tiles(x: torch.Tensor) -> dict[str, int]:
 
 
 class TritonOps(TorchOps):
+    """sweep_max_b: largest B inverted by the Triton sweep (0: always cuSOLVER Cholesky)."""
+
     name = "triton"
+
+    def __init__(self, sweep_max_b: int = SWEEP_MAX_B) -> None:
+        self.sweep_max_b = sweep_max_b
 
     def normalize_align(
         self, online: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype
@@ -60,6 +67,22 @@ class TritonOps(TorchOps):
             s, hist, a, r, tau, views, b, k, eta, min_tau,
             BLOCK_M=tiles["rows"], BLOCK_N=tiles["cols"], PASSES=tk.RADIX_PASSES)
         return a, r, tau
+
+    def spd_inverse(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A^{-1} by the blocked symmetric sweep: B / T launches, no Cholesky, no host work.
+        Above sweep_max_b the redundant per-tile pivot-block inversions (and B / T launches)
+        cost more than cuSOLVER's Cholesky, so large B keeps the inherited path."""
+        views, b, _ = a.shape
+        if a.dtype != torch.float32 or b > self.sweep_max_b:
+            return super().spd_inverse(a)
+        t = _tiles(a)["sweep"]
+        steps = triton.cdiv(b, t)
+        bufs = (a.contiguous(), torch.empty_like(a), torch.empty_like(a))
+        info = torch.zeros(views, dtype=torch.int32, device=a.device)
+        for k in range(steps):
+            src, dst = bufs[0] if k == 0 else bufs[1 + (k + 1) % 2], bufs[1 + k % 2]
+            tk.sweep_step_kernel[(views, steps, steps)](src, dst, info, b, k, -1.0 if k == steps - 1 else 1.0, T=t)
+        return dst, info
 
     def operator(
         self, p: torch.Tensor, r: torch.Tensor, tau: torch.Tensor, s: torch.Tensor
