@@ -2,9 +2,9 @@
 
 `DALIMultiCropLoader` follows the `MultiCropLoader` protocol and yields `MultiCropBatch`es
 built by the graph in `dali_graph.py`. DALI stops at the first file it cannot decode, so
-it only ever reads validated files: an ImageFolder root is scanned first (broken files are
-reported and left out); a (path, label) list, e.g. `read_fix_list` of `mveb validate
---fix-list`'s output, is trusted as it is.
+it only ever reads validated files: for an ImageFolder root, `mveb validate`'s report
+when there is a current one, else a full decode (broken files are reported and left out);
+a (path, label) list, e.g. `read_fix_list` of a `mveb validate --fix-list`, is trusted.
 
 Epochs: every rank reads its own fixed shard (DALI pads the shard's last batch). Iterating
 yields the current epoch from `batches_done` on; with drop_last every rank yields
@@ -18,6 +18,7 @@ generator), so a restored loader yields exactly the batches the interrupted one 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -33,7 +34,7 @@ from mveb.errors import UsageError
 
 from .batch import MultiCropBatch
 from .dali_graph import OUTPUT_DTYPES, build_pipeline
-from .images import Sample
+from .images import Sample, list_image_folder
 from .recipe import MultiCropRecipe
 from .torch_loader import resolve_samples
 from .validate import scan
@@ -50,13 +51,41 @@ def write_file_list(samples: Sequence[Sample], path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def _from_report(root: str | Path, samples: list[Sample]) -> tuple[list[Sample], list[tuple[str, str]]] | None:
+    """`mveb validate`'s verdict for `root` (its default report beside the folder) when the
+    report covers exactly as many files as the folder holds now; else None."""
+    src = Path(root).resolve()
+    try:
+        report = json.loads((src.parent / f"{src.name}.validate.json").read_text())
+        reasons = {os.path.relpath(b["path"], report["root"]): b["reason"] for b in report["bad"]}
+        if report["files"] != len(samples):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    good, bad = [], []
+    for path, label in samples:
+        why = reasons.get(os.path.relpath(path, root))
+        if why is None:
+            good.append((path, label))
+        else:
+            bad.append((path, why))
+    return good, bad
+
+
 def resolve_dali_samples(data: DataSource, workers: int) -> tuple[list[Sample], list[tuple[str, str]]]:
-    """(files DALI may read, files left out with the reason): a folder is fully decoded
-    first (`mveb validate`'s scan); a (path, label) list is taken as already validated."""
-    if isinstance(data, (str, Path)):
-        result = scan(data, workers)
-        return result.good, result.bad
-    return resolve_samples(data)[1], []
+    """(files DALI may read, files left out with the reason). A folder is checked by fully
+    decoding it (`mveb validate`'s scan) unless `mveb validate --src FOLDER` already wrote
+    its report for the same number of files: every rank of a job builds a loader, and
+    eight ranks decoding all of ImageNet before the first step would take hours. A
+    (path, label) list is taken as already validated."""
+    if not isinstance(data, (str, Path)):
+        return resolve_samples(data)[1], []
+    _, samples = list_image_folder(data)
+    known = _from_report(data, samples)
+    if known is not None:
+        return known
+    result = scan(data, workers)
+    return result.good, result.bad
 
 
 def _shard_size(n: int, shard: int, shards: int) -> int:

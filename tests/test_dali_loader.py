@@ -6,6 +6,7 @@ Runs DALI's CPU backend here; the `gpu` tests run the nvJPEG (`mixed`) path on a
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from pipeline.dali_loader import DALIMultiCropLoader
 from pipeline.images import list_image_folder, open_rgb
 from pipeline.recipe import MultiCropRecipe
 from pipeline.torch_loader import TorchMultiCropLoader
+from pipeline.validate import validate
 
 RECIPE = MultiCropRecipe().with_views(2, 64, 2, 32)
 TINY = MultiCropRecipe().with_views(1, 24, 1, 16)
@@ -210,6 +212,22 @@ def test_broken_files_are_left_out_and_reported(photo_train: Path, tmp_path: Pat
     assert sorted(Path(p).name for p, _ in loader.skipped) == sorted([good[0].name, "empty.jpg", "text.JPEG"])
     assert "3 file(s) cannot be decoded" in capsys.readouterr().err
     assert len(_epoch(loader)) == len(loader) == (len(good) - 1) // 8
+
+
+def test_validation_report_spares_the_decode_while_it_matches_the_folder(photo_train: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(photo_train / "china", root / "china")
+    validate(root, workers=1)
+    report = tmp_path / "data.validate.json"
+    verdict = json.loads(report.read_text())
+    first = sorted(root.glob("*/*.jpg"))[0]
+    verdict["bad"] = [{"path": str(first), "reason": "marked bad by hand"}]
+    report.write_text(json.dumps(verdict))
+    # The report is believed (no decode would find this photo broken) ...
+    assert DALIMultiCropLoader(root, TINY, 4).skipped == [(str(first), "marked bad by hand")]
+    # ... until the folder no longer holds the files it describes.
+    shutil.copy(first, root / "china" / "new.jpg")
+    assert DALIMultiCropLoader(root, TINY, 4).skipped == []
 
 
 def test_paths_with_spaces(tmp_path: Path, indexed: list[tuple[str, int]]) -> None:
