@@ -32,5 +32,14 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="ImageFolder for the real loaders")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     p.add_argument("--steps", type=int, default=None, help="timed steps")
+    p.add_argument("--config", default=None, choices=["imagenet_rn50", "demo"],
+                   help="model and recipe preset (default: imagenet_rn50 on CUDA, demo on CPU)")
+    p.add_argument("--no-official", action="store_true", help="skip the official-style baseline")
     p.add_argument("--json", default=None, help="write results as JSON here")
-    p.set_defaults(func=lambda a: not_implemented("bench step"))
+    p.set_defaults(func=_bench_step)
+
+
+def _bench_step(args: argparse.Namespace) -> int:
+    from mveb.bench_step import main
+
+    return main(args)

@@ -1,0 +1,187 @@
+"""`mveb bench step`: samples/s of the full MVEB training step, and where each step's time goes.
+
+Every variant runs in the same process, one after the other, so ratios compare like with
+like on a shared, noisy machine:
+- `official-style`: the official code's step (one backbone pass per view, the literal
+  B x B x D entropy, fp16 + GradScaler on GPUs, a per-parameter LARS loop), the baseline;
+- `mveb`: this trainer's step on synthetic data (grouped by resolution, fused loss, foreach
+  LARS, bf16), the compute ceiling;
+- `mveb+compile`: the same with the backbone compiled (with --compile);
+- `mveb <loader>`: the same step fed by a real loader, with its data-wait fraction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from mveb.errors import UsageError
+from pipeline.batch import MultiCropBatch
+from train.config import Config, get_config
+from train.distributed import DistInfo
+from train.phases import PHASES, PhaseTimer
+from train.step import Trainer, amp_dtype
+
+
+class PerParameterLARS(torch.optim.Optimizer):
+    """LARS as the official code runs it: a Python loop over parameters (the baseline to beat)."""
+
+    def __init__(self, params, lr: float, weight_decay: float, momentum: float, trust_coefficient: float) -> None:
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    p_norm, u_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(p_norm)
+                    q = torch.where(p_norm > 0, torch.where(u_norm > 0, g["eta"] * p_norm / u_norm, one), one)
+                    dp = dp.mul(q)
+                buf = self.state[p].setdefault("mu", torch.zeros_like(p))
+                buf.mul_(g["momentum"]).add_(dp)
+                p.add_(buf, alpha=-g["lr"])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda but CUDA is not available here; use --device cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UsageError(f"--device {name!r}; use cuda, cpu or auto")
+    return torch.device(name)
+
+
+def synthetic_batch(cfg: Config, device: torch.device, dtype: torch.dtype) -> MultiCropBatch:
+    r, B = cfg.data.recipe(), cfg.data.batch_size
+    g = torch.randn(r.n_global * B, 3, r.global_size, r.global_size, device=device, dtype=dtype)
+    loc = torch.randn(r.n_local * B, 3, r.local_size, r.local_size, device=device, dtype=dtype)
+    return MultiCropBatch(g.contiguous(memory_format=torch.channels_last),
+                          loc.contiguous(memory_format=torch.channels_last), None)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_variant(name: str, cfg: Config, device: torch.device, batches: Iterator[MultiCropBatch],
+                steps: int, warmup: int, per_parameter_lars: bool = False) -> dict[str, Any]:
+    """Time `steps` training steps after `warmup` ones; phases from the trainer's PhaseTimer."""
+    torch.manual_seed(0)
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_distributed=False)
+    timer = PhaseTimer(device, enabled=True)
+    trainer = Trainer(cfg, dist, steps_per_epoch=1000, timer=timer)
+    if per_parameter_lars:
+        o = cfg.optim
+        trainer.optimizer = PerParameterLARS(trainer.online.parameters(), lr=trainer.peak_lr,
+                                             weight_decay=o.weight_decay, momentum=o.momentum,
+                                             trust_coefficient=o.trust_coefficient)
+    wait = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            timer.reset()
+            wait, t0 = 0.0, time.perf_counter()
+        t = time.perf_counter()
+        with timer("data_wait"):
+            batch = next(batches)
+        wait += time.perf_counter() - t
+        out = trainer.step(batch, 100 + i)  # past warmup, so the LR is a typical one
+    _sync(device)
+    wall = time.perf_counter() - t0
+    phases = timer.totals()
+    B = cfg.data.batch_size
+    step_ms = 1000 * wall / steps
+    phase_ms = {p: 1000 * phases.get(p, 0.0) / steps for p in PHASES}
+    return {
+        "variant": name, "batch_size": B, "steps": steps, "samples_per_s": B * steps / wall, "step_ms": step_ms,
+        "data_wait_fraction": wait / wall, "phases_ms": phase_ms,
+        "unaccounted_ms": step_ms - sum(phase_ms.values()), "loss": float(out["loss"]),
+        "skipped_steps": trainer.skipped_steps,
+    }
+
+
+def _loader_batches(backend: str, data: str, cfg: Config, device: torch.device, dtype: torch.dtype) -> Iterator[MultiCropBatch]:
+    from pipeline.loaders import build_loader
+
+    loader = build_loader(backend, data, cfg.data.recipe(), cfg.data.batch_size, device=device, dtype=dtype,
+                          seed=0, rank=0, world_size=1, workers=cfg.data.workers)
+    for epoch in itertools.count():
+        loader.set_epoch(epoch)
+        yield from loader
+
+
+def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tuple[str, ...] = ("synthetic",),
+               data: str | None = None, compile: bool = False, steps: int | None = None,
+               official: bool = True, config: str | None = None) -> dict[str, Any]:
+    dev = resolve_device(device)
+    on_gpu = dev.type == "cuda"
+    cfg = get_config(config or ("imagenet_rn50" if on_gpu else "demo"), ["run.progress=false"])
+    cfg.data.batch_size = batch_size or (256 if on_gpu else 8)
+    steps = steps or (30 if on_gpu else 4)
+    warmup = 10 if on_gpu else 2
+    real = [b for b in loaders if b != "synthetic"]
+    if real and not data:
+        raise UsageError(f"--loader {','.join(real)} needs --data (an ImageFolder)")
+    if data and not Path(data).exists():
+        raise UsageError(f"--data {data} does not exist")
+    dtype = amp_dtype(cfg.precision.amp, dev) or torch.float32
+
+    results = []
+    if official:
+        # fp16 as the official code on GPUs; on a CPU fp16 is emulated and would only measure that.
+        off = replace(cfg, model=replace(cfg.model, per_view_forward=True),
+                      loss=replace(cfg.loss, impl="reference-literal"),
+                      precision=replace(cfg.precision, amp="fp16" if on_gpu else "fp32"))
+        batch = synthetic_batch(off, dev, amp_dtype(off.precision.amp, dev) or torch.float32)
+        results.append(run_variant("official-style", off, dev, itertools.repeat(batch), steps, warmup,
+                                   per_parameter_lars=True))
+    batch = synthetic_batch(cfg, dev, dtype)
+    results.append(run_variant("mveb", cfg, dev, itertools.repeat(batch), steps, warmup))
+    if compile:
+        comp = replace(cfg, precision=replace(cfg.precision, compile=True))
+        results.append(run_variant("mveb+compile", comp, dev, itertools.repeat(batch), steps, warmup + 5))
+    for backend in real:
+        results.append(run_variant(f"mveb {backend}", cfg, dev, _loader_batches(backend, data, cfg, dev, dtype),
+                                   steps, warmup))
+    base = next(r for r in results if r["variant"] == "mveb")["samples_per_s"]
+    for r in results:
+        r["ratio_to_mveb_synthetic"] = r["samples_per_s"] / base
+    return {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if on_gpu else "cpu",
+            "arch": cfg.model.arch, "recipe": cfg.data.recipe().to_dict(), "torch": torch.__version__,
+            "results": results}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    cols = ["variant", "B", "samples/s", "x mveb", "step ms", "data wait"] + list(PHASES[1:]) + ["other"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in report["results"]:
+        ph = r["phases_ms"]
+        row = [r["variant"], str(r["batch_size"]), f"{r['samples_per_s']:.1f}", f"{r['ratio_to_mveb_synthetic']:.2f}",
+               f"{r['step_ms']:.1f}", f"{100 * r['data_wait_fraction']:.1f}%"]
+        row += [f"{ph[p]:.1f}" for p in PHASES[1:]] + [f"{r['unaccounted_ms']:.1f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    report = bench_step(args.device, args.batch_size, tuple(args.loader.split(",")), args.data, args.compile,
+                        args.steps, official=not args.no_official, config=args.config)
+    print(f"MVEB step on {report['device_name']} ({report['arch']}), phases in ms per step:")
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
