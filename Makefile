@@ -39,7 +39,7 @@ demo: setup
 # On a GPU host with torch installed: GPU tests and `mveb bench all --device cuda` into one folder.
 # WHEELS=path/to/folder installs DALI and its dependencies from local wheels first.
 gpu-check:
-	bash bench/gpu_check.sh $(WHEELS)
+	bash tools/gpu_check.sh $(WHEELS)
 
 clean-venv:
 	rm -rf $(VENV)

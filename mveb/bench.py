@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-from mveb.errors import not_implemented
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 
@@ -22,7 +21,7 @@ def register(sub: argparse._SubParsersAction, *, loader: AddArgs, kernels: AddAr
     a.add_argument("--device", default="auto")
     a.add_argument("--data", default=None, help="ImageFolder for the loader benchmarks (default: the demo set)")
     a.add_argument("--out", default="bench-results", help="folder for summary.md, results.json, chart.png")
-    a.set_defaults(func=lambda a: not_implemented("bench all"))
+    a.set_defaults(func=_bench_all)
 
 
 def add_step_args(p: argparse.ArgumentParser) -> None:
@@ -41,5 +40,11 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
 
 def _bench_step(args: argparse.Namespace) -> int:
     from mveb.bench_step import main
+
+    return main(args)
+
+
+def _bench_all(args: argparse.Namespace) -> int:
+    from mveb.bench_all import main
 
     return main(args)

@@ -1,0 +1,152 @@
+"""`mveb bench all`: loader, kernels and step benchmarks in one run.
+
+Each part runs through its own subcommand (so `bench all` measures exactly what the parts
+measure) and writes its JSON; this module adds one markdown summary with the date, machine
+and versions, one results.json and one PNG chart. The README's numbers come from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mveb.bench_step import format_table as step_table
+from mveb.bench_step import resolve_device
+
+
+def _run(argv: list[str]) -> None:
+    from mveb.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    code = args.func(args)
+    if code:
+        raise RuntimeError(f"mveb {' '.join(argv)} exited with {code}")
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine() -> dict[str, Any]:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "host": platform.node(), "cpus": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+            "versions": {d: _version(d) for d in ("torch", "torchvision", "triton", "ffcv", "numba",
+                                                   "nvidia-dali-cuda120", "nvidia-dali-cuda130")}}
+
+
+def _part(name: str, argv: list[str], json_path: Path, results: dict[str, Any]) -> None:
+    """Run one benchmark; a part that fails is recorded, and the others still run."""
+    print(f"\n== bench {name}", flush=True)
+    try:
+        _run(argv + ["--json", str(json_path)])
+        results[name] = json.loads(json_path.read_text())
+    except Exception as e:  # noqa: BLE001 - one broken backend must not cost the whole run
+        results[name] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"bench {name} failed: {results[name]['error']}", flush=True)
+
+
+def bench_all(device: str, data: str | None, out: Path) -> dict[str, Any]:
+    dev = resolve_device(device)
+    gpu = dev.type == "cuda"
+    out.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        from pipeline.demo_photos import build_photo_folder
+
+        # ImageNet-like JPEG sizes (about 500 px), so decode cost is representative.
+        data = str(build_photo_folder(out / "photos", per_class_train=40 if gpu else 8, per_class_val=1,
+                                      side=500) / "train")
+    results: dict[str, Any] = {"machine": machine(), "device": str(dev)}
+    loader_b, step_b = (256, 256) if gpu else (32, 8)
+    _part("loader", ["bench", "loader", "--data", data, "--backends", "dali,ffcv,torch", "--device", dev.type,
+                     "--batch-size", str(loader_b), "--seconds", "15" if gpu else "10"], out / "loader.json", results)
+    _part("kernels", ["bench", "kernels", "--device", dev.type] + ([] if gpu else ["--batch-sizes", "128,256"]),
+          out / "kernels.json", results)
+    if gpu:  # the official batch (vs the official-style step) and the fast-path batch (vs DALI-fed)
+        _part("step_b128", ["bench", "step", "--device", "cuda", "--batch-size", "128"], out / "step_b128.json", results)
+        _part("step", ["bench", "step", "--device", "cuda", "--batch-size", str(step_b), "--no-official",
+                       "--loader", "synthetic,dali", "--data", data], out / "step.json", results)
+    else:
+        _part("step", ["bench", "step", "--device", "cpu", "--batch-size", str(step_b), "--loader", "synthetic,torch",
+                       "--data", data], out / "step.json", results)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "summary.md").write_text(summary(results))
+    chart(results, out / "chart.png")
+    print("\n" + summary(results))
+    print(f"written: {out / 'summary.md'}, {out / 'results.json'}, {out / 'chart.png'}")
+    return results
+
+
+def summary(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v != "not installed")
+    lines = [f"# mveb bench all ({m['date']})", "",
+             f"Machine: {m['gpu'] or 'no GPU'}, {m['cpus']} CPU cores, Python {m['python']}; {versions}.", ""]
+    loader = results.get("loader", {})
+    lines += ["## Loader (images/s, each image = all views)", ""]
+    if "results" in loader:
+        lines += [f"Views {loader['views']}, batch {loader['batch_size']}, {loader['workers']} workers, "
+                  f"device {loader['device']}.", "", "| backend | images/s | compile s | note |", "|---|---|---|---|"]
+        for r in loader["results"]:
+            ips = f"{r['images_per_s']:.1f}" if "images_per_s" in r else "-"
+            comp = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
+            lines.append(f"| {r['backend']} | {ips} | {comp} | {r.get('skipped') or r.get('error', '')} |")
+    else:
+        lines.append(f"failed: {loader.get('error')}")
+    kern = results.get("kernels", {})
+    lines += ["", f"## MVEB loss, fwd+bwd, {kern.get('views', 8)} views, D={kern.get('dim', 2048)} (ms)", ""]
+    if "results" in kern:
+        lines += ["| B | impl | ms | peak MiB | note |", "|---|---|---|---|---|"]
+        for r in kern["results"]:
+            ms = f"{r['ms']:.3f}" if r.get("ms") else "-"
+            peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") is not None else "-"
+            lines.append(f"| {r['batch']} | {r['impl']} | {ms} | {peak} | {r.get('skipped') or ''} |")
+    else:
+        lines.append(f"failed: {kern.get('error')}")
+    for key in ("step_b128", "step"):
+        if key in results:
+            lines += ["", f"## Training step ({key.replace('_', ' ')}), ms per step by phase", ""]
+            st = results[key]
+            lines.append(step_table(st) if "results" in st else f"failed: {st.get('error')}")
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    loader = [r for r in results.get("loader", {}).get("results", []) if "images_per_s" in r]
+    axes[0].bar([r["backend"] for r in loader], [r["images_per_s"] for r in loader], color="tab:blue")
+    axes[0].set_title("loader images/s (all views)")
+    kern = [r for r in results.get("kernels", {}).get("results", []) if r.get("ms")]
+    for impl in dict.fromkeys(r["impl"] for r in kern):
+        pts = [(r["batch"], r["ms"]) for r in kern if r["impl"] == impl]
+        axes[1].plot(*zip(*pts), marker="o", label=impl)
+    axes[1].set(xscale="log", yscale="log", xlabel="B", ylabel="ms", title="MVEB loss fwd+bwd, 8 views")
+    axes[1].legend(fontsize=8)
+    steps = [r for key in ("step_b128", "step") for r in results.get(key, {}).get("results", [])]
+    axes[2].barh([f"{r['variant']} B{r['batch_size']}" for r in steps], [r["samples_per_s"] for r in steps],
+                 color="tab:green")
+    axes[2].set_title("training step samples/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(args: argparse.Namespace) -> int:
+    bench_all(args.device, args.data, Path(args.out))
+    return 0

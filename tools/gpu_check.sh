@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One-command GPU check for a GPU host with torch already installed (`make gpu-check WHEELS=dir`):
+# installs DALI and its dependencies from a local wheel folder when one is given, runs the GPU
+# tests and `mveb bench all --device cuda`, and writes everything to one folder.
+#   usage: tools/gpu_check.sh [WHEEL_DIR] ; results in $GPU_CHECK_OUT (default gpu-check/)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${GPU_CHECK_OUT:-gpu-check}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+if [ -n "${1:-}" ]; then
+  SITE="${TMPDIR:-/tmp}/mveb-gpu-site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$1"/*.whl \
+    || { echo "error: could not install the wheels in $1"; exit 1; }
+  export PYTHONPATH="$SITE:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA device visible to torch')" || exit 1
+status=0
+"$PY" -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log" || status=1
+"$PY" -m mveb bench all --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log" || status=1
+echo "results in $OUT/ (summary.md, results.json, chart.png, gpu-tests.log, bench.log)"
+exit $status
