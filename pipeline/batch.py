@@ -12,6 +12,8 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
+from mveb.errors import UsageError
+
 from .recipe import MultiCropRecipe
 
 
@@ -55,6 +57,14 @@ class MultiCropBatch:
                 raise ValueError(f"{name} has dtype {t.dtype}, expected a float dtype")
         if self.labels is not None and tuple(self.labels.shape) != (B,):
             raise ValueError(f"labels has shape {tuple(self.labels.shape)}, expected ({B},)")
+
+
+def check_loader_args(batch_size: int, rank: int, world_size: int) -> None:
+    """The user errors every loader's constructor reports the same way."""
+    if batch_size < 1:
+        raise UsageError(f"batch size must be at least 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise UsageError(f"rank {rank} is outside world size {world_size}")
 
 
 class MultiCropLoader(Protocol):

@@ -32,7 +32,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from mveb.errors import UsageError
 
-from .batch import MultiCropBatch
+from .batch import MultiCropBatch, check_loader_args
 from .dali_graph import OUTPUT_DTYPES, build_pipeline
 from .images import Sample, list_image_folder
 from .recipe import MultiCropRecipe
@@ -116,10 +116,7 @@ class DALIMultiCropLoader:
     def __init__(self, data: DataSource, recipe: MultiCropRecipe, batch_size: int, *,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
                  rank: int = 0, world_size: int = 1, workers: int | None = None, drop_last: bool = True) -> None:
-        if batch_size < 1:
-            raise UsageError(f"batch size must be at least 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise UsageError(f"rank {rank} is outside world size {world_size}")
+        check_loader_args(batch_size, rank, world_size)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise UsageError(f"the DALI loader yields float32, float16 or bfloat16, not {dtype}")
         self.device = _torch_device(device)
