@@ -36,7 +36,6 @@ from nvidia.dali.pipeline import Pipeline
 
 from .recipe import MultiCropRecipe, ViewSpec
 
-READER = "files"
 OUTPUT_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
 
 
@@ -64,6 +63,8 @@ def _with_probability(x: DataNode, p: float, op: Callable[[DataNode], DataNode])
 
 
 def _colour(x: DataNode, r: MultiCropRecipe) -> DataNode:
+    if r.jitter_p <= 0 and r.grayscale_p <= 0:
+        return x
     jitter = _draw(r.jitter_p)
     keep_colour = 1.0 - _draw(r.grayscale_p)
     hue = 0.0
@@ -101,7 +102,7 @@ def _multicrop(file_list: str, recipe: MultiCropRecipe, decode_device: str, out_
     # and stick_to_shard make every epoch of a rank the same, known number of batches.
     jpegs, labels = fn.readers.file(file_list=file_list, file_root="", shard_id=shard_id, num_shards=num_shards,
                                     random_shuffle=True, initial_fill=shuffle_buffer, pad_last_batch=True,
-                                    stick_to_shard=True, name=READER)
+                                    stick_to_shard=True)
     image = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
     return (*[_view(image, spec, recipe, out_dtype) for spec in recipe.views()], labels)
 
