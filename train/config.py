@@ -1,0 +1,200 @@
+"""Run configuration: one dataclass per concern, two presets, `key=value` overrides.
+
+`get_config("imagenet_rn50", ["optim.base_lr=0.5"])` returns a Config; the whole thing
+round-trips through JSON (Config.to_dict / from_dict) and is saved in the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from mveb.errors import UsageError
+from pipeline.recipe import DEFAULT_RECIPE, MultiCropRecipe
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    loader: str = "ffcv"  # ffcv | dali | torch
+    batch_size: int = 128  # per process (per GPU)
+    global_batch_size: int | None = None  # when set, split evenly over the processes (overrides batch_size)
+    workers: int = 8
+    seed: int = 0  # augmentation and order; each rank adds its rank
+    # View counts and sizes; None keeps pipeline.recipe's default (2 x 224 + 6 x 96).
+    n_global: int | None = None
+    global_size: int | None = None
+    n_local: int | None = None
+    local_size: int | None = None
+
+    def recipe(self) -> MultiCropRecipe:
+        d = DEFAULT_RECIPE
+        views = (self.n_global, self.global_size, self.n_local, self.local_size)
+        if all(v is None for v in views):
+            return d
+        ng, gs, nl, ls = (v if v is not None else dv for v, dv in
+                          zip(views, (d.n_global, d.global_size, d.n_local, d.local_size)))
+        return d.with_views(ng, gs, nl, ls)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"  # any torchvision ResNet
+    proj_hidden: int = 2048
+    proj_dim: int = 2048
+    per_view_forward: bool = False  # True: one backbone pass per view, like the official code
+    sync_bn: bool = True  # under DDP
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 0.3  # per 256 samples of global batch
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    trust_coefficient: float = 0.001
+    min_lr_ratio: float = 1e-3
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 800
+    warmup_epochs: int = 10
+    steps: int | None = None  # stop after this many steps in total (the schedule still spans `epochs`)
+    ema_momentum: float = 0.996  # EMA momentum at step 0, raised to 1 by a cosine
+
+
+@dataclass
+class LossConfig:
+    lam: float = 0.01
+    eta: float = 0.01
+    min_tau: float = 0.1
+    impl: str = "auto"  # auto | triton | torch | reference
+
+
+@dataclass
+class PrecisionConfig:
+    amp: str = "bf16"  # bf16 | fp16 (with GradScaler) | fp32, on CUDA; a CPU run is fp32 (train/step.py amp_dtype)
+    compile: bool = False
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/pretrain"
+    resume: str = "auto"  # auto (newest checkpoint in out) | a checkpoint path | none
+    checkpoint_every_steps: int = 1000
+    checkpoint_every_minutes: float = 30.0
+    log_every_steps: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto (nccl on GPUs, gloo on CPU) | nccl | gloo
+    timeout_minutes: float = 30.0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, dict[str, Any]]) -> "Config":
+        cfg = cls()
+        for group, values in d.items():
+            for key, value in values.items():
+                _set(cfg, f"{group}.{key}", value)
+        return cfg
+
+
+def imagenet_rn50() -> Config:
+    """The official recipe: ResNet-50, 128 per GPU (4096 on 32 GPUs), LR 0.3 x global/256, 800 epochs."""
+    return Config()
+
+
+def demo() -> Config:
+    """Runs on 2 CPU cores in a few minutes: ResNet-18, 2 x 96 px + 2 x 48 px views,
+    512-d projector, batch 16, 20 epochs with 2 warmup, torch loader, 2 workers."""
+    return Config(
+        data=DataConfig(loader="torch", batch_size=16, workers=2, n_global=2, global_size=96, n_local=2, local_size=48),
+        model=ModelConfig(arch="resnet18", proj_hidden=512, proj_dim=512),
+        schedule=ScheduleConfig(epochs=20, warmup_epochs=2),
+        run=RunConfig(out="runs/demo", checkpoint_every_steps=50, checkpoint_every_minutes=5.0, log_every_steps=1),
+    )
+
+
+PRESETS = {"imagenet_rn50": imagenet_rn50, "demo": demo}
+
+
+def get_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    if preset not in PRESETS:
+        raise UsageError(f"unknown config preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"config override {item!r} is not key=value (e.g. optim.base_lr=0.5)")
+        _set(cfg, key.strip(), value.strip())
+    return cfg
+
+
+def _resolve(cfg: Config, key: str) -> tuple[Any, str]:
+    """The group object and field name for a dotted key, or a bare field name unique across groups."""
+    groups = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    group, dot, name = key.rpartition(".")
+    if dot:
+        if group in groups and name in {f.name for f in dataclasses.fields(groups[group])}:
+            return groups[group], name
+    else:
+        owners = [g for g in groups.values() if name in {f.name for f in dataclasses.fields(g)}]
+        if len(owners) == 1:
+            return owners[0], name
+    raise UsageError(f"unknown config key {key!r}; use group.field, e.g. optim.base_lr "
+                     f"(groups: {', '.join(groups)})")
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    obj, name = _resolve(cfg, key)
+    hint = typing.get_type_hints(type(obj))[name]
+    try:
+        setattr(obj, name, _parse(value, hint))
+    except ValueError:
+        raise UsageError(f"config key {key!r}: cannot read {value!r} as {_type_name(hint)}") from None
+
+
+def _parse(value: Any, hint: Any) -> Any:
+    args = typing.get_args(hint)
+    if type(None) in args:  # X | None
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if not isinstance(value, str):
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, hint):
+            return value
+        raise ValueError(value)
+    if hint is bool:
+        low = value.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(value)
+    return hint(value)
+
+
+def _type_name(hint: Any) -> str:
+    return " or ".join(getattr(a, "__name__", str(a)) for a in (typing.get_args(hint) or (hint,)))

@@ -1,0 +1,38 @@
+"""Stop at the next step boundary on SIGTERM or SIGUSR2 (SLURM preemption and time limits).
+
+The handler only sets a flag; the loop checks it between steps, saves a checkpoint and
+returns, so a signal never lands in the middle of an optimizer step or a checkpoint write.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from types import FrameType
+from typing import Any
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+class PreemptionFlag:
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "PreemptionFlag":
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal is None:
+            sys.stderr.write(f"received {signal.Signals(signum).name}: checkpointing at the next step boundary\n")
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None

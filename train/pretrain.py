@@ -1,0 +1,225 @@
+"""`pretrain(cfg)`: the MVEB pretraining loop, top to bottom.
+
+Resumes from the newest checkpoint of cfg.run.out (or an explicit one), trains to
+cfg.schedule.steps (or the end of the schedule), checkpoints every N steps, every M
+minutes, on SIGTERM/SIGUSR2 at the next step boundary, and at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from tqdm import tqdm
+
+from mveb.errors import UsageError
+from pipeline.loaders import build_loader
+
+from .checkpoint import load_checkpoint, load_latest, save_checkpoint
+from .config import Config
+from .distributed import DistInfo, cleanup_distributed, init_distributed, planned_world_size
+from .metrics import MetricsLog
+from .preemption import PreemptionFlag
+from .step import Trainer, amp_dtype
+
+LOADERS = ("ffcv", "dali", "torch")
+
+
+def check_config(cfg: Config, world_size: int) -> None:
+    """Every user mistake the config can hold, as one UsageError, before any rendezvous."""
+    d, s = cfg.data, cfg.schedule
+    if not d.path:
+        raise UsageError("no training data given; pass --data PATH (an ImageFolder root or a .beton shard)")
+    if not Path(d.path).exists():
+        raise UsageError(f"training data {d.path} does not exist; pass an ImageFolder root or a .beton shard")
+    if d.loader not in LOADERS:
+        raise UsageError(f"data.loader={d.loader!r}; use one of {', '.join(LOADERS)}")
+    if d.global_batch_size is not None:
+        if d.global_batch_size % world_size:
+            raise UsageError(f"global batch {d.global_batch_size} is not divisible by the world size {world_size}; "
+                             f"use a multiple of {world_size}")
+        d.batch_size = d.global_batch_size // world_size
+    if d.batch_size < 2:
+        raise UsageError(f"batch size per process is {d.batch_size}; MVEB's entropy needs at least 2 samples")
+    if s.epochs < 1 or not 0 <= s.warmup_epochs <= s.epochs:
+        raise UsageError(f"need epochs >= 1 and 0 <= warmup_epochs <= epochs, got {s.epochs} and {s.warmup_epochs}")
+    if s.steps is not None and s.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {s.steps}")
+    r = cfg.run.resume
+    if r not in ("auto", "none") and not Path(r).is_file():
+        raise UsageError(f"--resume {r}: no such checkpoint; pass auto, none or a checkpoint file")
+
+
+def pretrain(cfg: Config) -> dict[str, Any]:
+    """Train; return {"step", "loss", "run_dir", "preempted", "skipped_steps"}."""
+    check_config(cfg, planned_world_size())
+    dist = init_distributed(cfg.dist.backend, cfg.dist.timeout_minutes)
+    try:
+        return _train(cfg, dist)
+    finally:
+        cleanup_distributed()
+
+
+def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
+    run_dir = Path(cfg.run.out)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(run_dir / "config.json", cfg.to_dict())
+
+    torch.manual_seed(cfg.data.seed)  # identical initial weights on every rank
+    loader = build_loader(cfg.data.loader, cfg.data.path, cfg.data.recipe(), cfg.data.batch_size,
+                          device=dist.device, dtype=amp_dtype(cfg.precision.amp, dist.device) or torch.float32,
+                          seed=cfg.data.seed, rank=dist.rank, world_size=dist.world_size, workers=cfg.data.workers)
+    steps_per_epoch = len(loader)
+    trainer = Trainer(cfg, dist, steps_per_epoch)
+    torch.manual_seed(cfg.data.seed + dist.rank)
+
+    step, resumed_from = 0, None
+    found = _resume_state(cfg, run_dir)
+    if found is not None:
+        resumed_from, state = found
+        trainer.load_state_dict(state)
+        rank_state = _rank_state(state, dist)
+        loader.load_state_dict(rank_state["loader"])
+        _set_rng(rank_state["rng"])
+        step = int(state["step"])
+        if dist.is_main:
+            sys.stderr.write(f"resuming from {resumed_from} (step {step})\n")
+
+    stop = min(cfg.schedule.steps or trainer.total_steps, trainer.total_steps)
+    log = MetricsLog(run_dir, step, cfg.run.tensorboard) if dist.is_main else None
+    bar = tqdm(total=stop, initial=step, unit="step", dynamic_ncols=True, disable=not (dist.is_main and cfg.run.progress))
+    last = None
+    saved_step = step
+    last_save_time = time.monotonic()
+    window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+    with PreemptionFlag() as preemption:
+        preempted = False
+        while step < stop and not preempted:
+            loader.set_epoch(step // steps_per_epoch)
+            batches = iter(loader)
+            got_batch = False
+            while step < stop:
+                t0 = time.perf_counter()
+                with trainer.timer("data_wait"):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
+                got_batch = True
+                window_wait += time.perf_counter() - t0
+
+                last = trainer.step(batch, step)
+                step += 1
+                window_steps += 1
+                bar.update(1)
+
+                if step % cfg.run.log_every_steps == 0 or step == stop:
+                    now = time.perf_counter()
+                    record = _record(last, step, steps_per_epoch, trainer, dist,
+                                     window_steps / (now - window_start), window_wait / (now - window_start))
+                    if log is not None:
+                        log.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_per_s=f"{record['samples_per_s']:.1f}")
+                    window_start, window_steps, window_wait = now, 0, 0.0
+
+                due = (step % cfg.run.checkpoint_every_steps == 0
+                       or time.monotonic() - last_save_time >= 60 * cfg.run.checkpoint_every_minutes)
+                preempted, due = _agree(dist, preemption.requested, due)
+                if due or preempted or step == stop:
+                    _save(run_dir, trainer, loader, step, steps_per_epoch, cfg, dist)
+                    saved_step, last_save_time = step, time.monotonic()
+                if preempted:
+                    break
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # leaves the loader's position at the last batch handed out
+            if not got_batch and step < stop and not preempted:
+                raise RuntimeError(f"the {cfg.data.loader} loader yielded no batch for epoch {step // steps_per_epoch}")
+    if saved_step != step:
+        _save(run_dir, trainer, loader, step, steps_per_epoch, cfg, dist)
+    bar.close()
+    if log is not None:
+        log.close()
+    if preempted and dist.is_main:
+        sys.stderr.write(f"stopped at step {step} on a signal; checkpoint saved; rerun the same command to resume\n")
+    return {"step": step, "loss": float(last["loss"]) if last else None, "run_dir": str(run_dir),
+            "preempted": preempted, "skipped_steps": trainer.skipped_steps, "resumed_from": str(resumed_from or "")}
+
+
+def _resume_state(cfg: Config, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    if cfg.run.resume == "none":
+        return None
+    if cfg.run.resume == "auto":
+        return load_latest(run_dir)
+    return Path(cfg.run.resume), load_checkpoint(cfg.run.resume)
+
+
+def _rank_state(state: dict[str, Any], dist: DistInfo) -> dict[str, Any]:
+    """This rank's loader and RNG state; rank 0's when the world size changed since the save."""
+    ranks = state.get("ranks", [])
+    if len(ranks) == dist.world_size:
+        return ranks[dist.rank]
+    return {"loader": state["loader"], "rng": state["rng"]}
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _agree(dist: DistInfo, *flags: bool) -> list[bool]:
+    """Flags OR-ed over ranks, so every rank stops or saves at the same step."""
+    if not dist.is_distributed:
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=dist.device)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def _record(out: dict[str, Any], step: int, steps_per_epoch: int, trainer: Trainer, dist: DistInfo,
+            steps_per_s: float, wait_fraction: float) -> dict[str, Any]:
+    terms = torch.stack([out["loss"], out["align"], out["entropy"]]).float()
+    if dist.is_distributed:
+        torch_dist.all_reduce(terms)
+        terms /= dist.world_size
+    loss, align, entropy = terms.tolist()
+    return {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "align": align, "entropy": entropy,
+            "lr": out["lr"], "momentum": out["momentum"], "samples_per_s": steps_per_s * trainer.global_batch,
+            "data_wait_fraction": wait_fraction, "skipped_steps": trainer.skipped_steps}
+
+
+def _save(run_dir: Path, trainer: Trainer, loader: Any, step: int, steps_per_epoch: int, cfg: Config,
+          dist: DistInfo) -> None:
+    mine = {"loader": loader.state_dict(), "rng": _rng_state()}
+    ranks = [mine]
+    if dist.is_distributed:
+        ranks = [None] * dist.world_size
+        torch_dist.all_gather_object(ranks, mine)
+    if dist.is_main:
+        state = {**trainer.state_dict(), "step": step, "epoch": step // steps_per_epoch, "loader": mine["loader"],
+                 "rng": mine["rng"], "ranks": ranks, "world_size": dist.world_size, "config": cfg.to_dict()}
+        save_checkpoint(run_dir, state, step)
+    if dist.is_distributed:
+        torch_dist.barrier()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
