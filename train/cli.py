@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loader", default=None, choices=["ffcv", "dali", "torch"], help="input pipeline backend")
     p.add_argument("--resume", default="auto", help="auto (newest checkpoint in --out) or a checkpoint path")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override any config field")
-    p.set_defaults(func=lambda a: not_implemented("pretrain"))
+    p.set_defaults(func=_run_pretrain)
 
     for name, what in (("knn", "weighted kNN accuracy (k=200, T=0.1) of a backbone"),
                        ("lineval", "linear evaluation on frozen backbone features")):
@@ -44,3 +44,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run folder holding metrics.jsonl")
     p.set_defaults(func=lambda a: not_implemented("report"))
 
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from train.config import get_config
+    from train.pretrain import pretrain
+
+    # The flags are overrides like any other; explicit key=value pairs come last and win.
+    flags = {"data.path": args.data, "run.out": args.out, "schedule.steps": args.steps, "schedule.epochs": args.epochs,
+             "data.batch_size": args.batch_size, "data.loader": args.loader, "run.resume": args.resume}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    summary = pretrain(get_config(args.config, overrides))
+    print(f"step {summary['step']}  loss {summary['loss']}  run {summary['run_dir']}"
+          + ("  (preempted: rerun to resume)" if summary["preempted"] else ""))
+    return 0
