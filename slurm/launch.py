@@ -30,6 +30,9 @@ from mveb.errors import UsageError  # noqa: E402
 from slurm.plan import BatchPlan, Resources, batch_plan, parse_time, resources  # noqa: E402
 
 PROG = "python slurm/launch.py"
+# submitit stops requeueing after this many time limits (preemptions do not count); its
+# default of 3 would end an 800-epoch run that needs more 72-hour slots than that.
+MAX_TIMEOUT_REQUEUES = 100
 
 
 def _add_cluster_args(p: argparse.ArgumentParser, cpus_per_task: int, time: str) -> None:
@@ -120,7 +123,8 @@ def _submit(a: argparse.Namespace, res: Resources, folder: Path, fn: Callable[..
             **kwargs: Any) -> Any:
     import submitit
 
-    executor = submitit.AutoExecutor(folder=folder, cluster="local" if a.local else "slurm")
+    executor = submitit.AutoExecutor(folder=folder, cluster="local" if a.local else "slurm",
+                                     slurm_max_num_timeout=MAX_TIMEOUT_REQUEUES)
     if a.local:
         executor.update_parameters(**res.local_parameters())
     else:

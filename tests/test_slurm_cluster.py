@@ -1,5 +1,10 @@
 """slurm/launch.py on the real local cluster (slurm/cluster/up.sh): the demo config trained by
-2 nodes x 2 CPU tasks over gloo, and a run interrupted by a signal that requeues and resumes."""
+2 nodes x 2 CPU tasks over gloo, a run interrupted by a signal that requeues and resumes, and
+a shard build as a CPU job.
+
+The three jobs are submitted together (the cluster runs them side by side) and each test
+waits for its own: most of a job's time here is Python start-up, which overlaps well.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,18 @@ import pickle
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import pytest
 
 from slurm.launch import main
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # The demo preset, shrunk so that a step takes a second or two on 2 shared cores.
 TINY = ["data.batch_size=4", "data.workers=0", "data.n_local=0", "run.progress=false", "run.tensorboard=false"]
+REQUEUE_STEPS = 8
+TIMEOUT_S = 240
 
 
 def _launch(run: Path, photo_train: Path, nodes: int, tasks: int, steps: int) -> str:
@@ -27,24 +34,41 @@ def _launch(run: Path, photo_train: Path, nodes: int, tasks: int, steps: int) ->
     return json.loads((run / "launch.json").read_text())["job_id"]
 
 
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory: pytest.TempPathFactory, photo_train: Path) -> Iterator[dict[str, tuple[Path, str]]]:
+    """name -> (submitit folder, job id) of the jobs submitted at once."""
+    root = tmp_path_factory.mktemp("slurm")
+    submitted = {"train": (root / "train", _launch(root / "train", photo_train, nodes=2, tasks=2, steps=2)),
+                 "requeue": (root / "requeue", _launch(root / "requeue", photo_train, nodes=2, tasks=1,
+                                                       steps=REQUEUE_STEPS))}
+    beton = root / "shards" / "train.beton"
+    assert main(["shards", "--src", str(photo_train), "--out", str(beton), "--limit", "12", "--cpus-per-task", "1",
+                 "--time", "10"]) == 0
+    folder = beton.parent / f"{beton.name}.submitit"
+    out = {name: (run / "submitit", job_id) for name, (run, job_id) in submitted.items()}
+    out["shards"] = (folder, next(folder.glob("*_submitted.pkl")).name.split("_")[0])
+    yield out
+    subprocess.run(["scancel", *(job_id for _, job_id in out.values())], capture_output=True)
+
+
 def _in_queue(job_id: str) -> bool:
     out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
     return bool(out.stdout.strip())
 
 
-def _wait(what: str, ready: Any, timeout: float, job_id: str, run: Path) -> None:
-    deadline = time.monotonic() + timeout
+def _wait(what: str, ready: Callable[[], bool], folder: Path, job_id: str) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
     while not ready():
         if time.monotonic() > deadline:
-            logs = "\n".join(p.read_text()[-2000:] for p in sorted((run / "submitit").glob(f"{job_id}_*_log.err")))
-            subprocess.run(["scancel", job_id])
-            pytest.fail(f"job {job_id}: {what} not seen within {timeout:.0f} s; logs:\n{logs}")
+            logs = "\n".join(p.read_text()[-2000:] for p in sorted(folder.glob(f"{job_id}_*_log.err")))
+            pytest.fail(f"job {job_id}: {what} not seen within {TIMEOUT_S} s; logs:\n{logs}")
         time.sleep(0.5)
 
 
-def _results(run: Path, job_id: str, tasks: int, timeout: float) -> list[dict[str, Any]]:
-    paths = [run / "submitit" / f"{job_id}_{t}_result.pkl" for t in range(tasks)]
-    _wait("every task's result", lambda: all(p.exists() for p in paths) and not _in_queue(job_id), timeout, job_id, run)
+def _results(folder: Path, job_id: str, tasks: int) -> list[dict[str, Any]]:
+    """Each task's return value, once the job left the queue (a requeued job goes back to it)."""
+    paths = [folder / f"{job_id}_{t}_result.pkl" for t in range(tasks)]
+    _wait("every task's result", lambda: all(p.exists() for p in paths) and not _in_queue(job_id), folder, job_id)
     results = []
     for p in paths:
         status, value = pickle.loads(p.read_bytes())
@@ -58,11 +82,33 @@ def _metrics(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-@pytest.mark.slow
-def test_two_nodes_two_tasks_train_the_demo_config(tmp_path: Path, photo_train: Path) -> None:
-    run = tmp_path / "run"
-    job_id = _launch(run, photo_train, nodes=2, tasks=2, steps=2)
-    results = _results(run, job_id, tasks=4, timeout=150)
+def test_signal_requeues_and_resumes_from_the_checkpoint(jobs: dict[str, tuple[Path, str]]) -> None:
+    folder, job_id = jobs["requeue"]
+    run = folder.parent
+    _wait("step 2", lambda: len(_metrics(run)) >= 2, folder, job_id)
+    # What SLURM sends before a time limit (submitit's job._interrupt() sends SIGTERM then this).
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    rank0, rank1 = _results(folder, job_id, tasks=2)
+
+    assert rank0["step"] == rank1["step"] == REQUEUE_STEPS
+    assert not rank0["preempted"]
+    resumed = Path(rank0["resumed_from"])
+    assert resumed.parent.parent == run, "resumed from a checkpoint in the same run folder"
+    log = (folder / f"{job_id}_0_log.err").read_text()
+    stopped = [line for line in log.splitlines() if "requeueing" in line]
+    assert len(stopped) == 1, log
+    stop_step = int(stopped[0].split("at step ")[1].split(";")[0])
+    assert 2 <= stop_step < REQUEUE_STEPS, "interrupted mid-run"
+    assert f"resuming from {resumed} (step {stop_step})" in log, "resumed where it stopped, not from step 0"
+    starts = (folder / f"{job_id}_0_log.out").read_text().count("Starting with JobEnvironment")
+    assert starts == 2, "one requeue: the original run and the resumed one"
+    assert [m["step"] for m in _metrics(run)] == list(range(1, REQUEUE_STEPS + 1))
+
+
+def test_two_nodes_two_tasks_train_the_demo_config(jobs: dict[str, tuple[Path, str]]) -> None:
+    folder, job_id = jobs["train"]
+    run = folder.parent
+    results = _results(folder, job_id, tasks=4)
 
     assert [r["step"] for r in results] == [2, 2, 2, 2]
     assert len({r["loss"] for r in results}) == 4, "each rank trains on its own shard of the data"
@@ -77,26 +123,12 @@ def test_two_nodes_two_tasks_train_the_demo_config(tmp_path: Path, photo_train: 
     assert (launch["world_size"], launch["global_batch"]) == (4, 16)
 
 
-@pytest.mark.slow
-def test_signal_requeues_and_resumes_from_the_checkpoint(tmp_path: Path, photo_train: Path) -> None:
-    run = tmp_path / "run"
-    steps = 8
-    job_id = _launch(run, photo_train, nodes=2, tasks=1, steps=steps)
-    _wait("step 2", lambda: len(_metrics(run)) >= 2, 150, job_id, run)
-    # What SLURM sends before a time limit (submitit's job._interrupt() sends SIGTERM then this).
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    rank0, rank1 = _results(run, job_id, tasks=2, timeout=150)
+def test_shards_runs_as_a_cpu_job(jobs: dict[str, tuple[Path, str]]) -> None:
+    from pipeline.shards import check_beton
 
-    assert rank0["step"] == rank1["step"] == steps
-    assert not rank0["preempted"]
-    resumed = Path(rank0["resumed_from"])
-    assert resumed.parent.parent == run, "resumed from a checkpoint in the same run folder"
-    log = (run / "submitit" / f"{job_id}_0_log.err").read_text()
-    stopped = [line for line in log.splitlines() if "requeueing" in line]
-    assert len(stopped) == 1, log
-    stop_step = int(stopped[0].split("at step ")[1].split(";")[0])
-    assert 2 <= stop_step < steps, "interrupted mid-run"
-    assert f"resuming from {resumed} (step {stop_step})" in log, "resumed where it stopped, not from step 0"
-    starts = (run / "submitit" / f"{job_id}_0_log.out").read_text().count("Starting with JobEnvironment")
-    assert starts == 2, "one requeue: the original run and the resumed one"
-    assert [m["step"] for m in _metrics(run)] == list(range(1, steps + 1))
+    folder, job_id = jobs["shards"]
+    (report,) = _results(folder, job_id, tasks=1)
+    assert report["written"] == 12 and report["workers"] == 1
+    beton = folder.parent / "train.beton"
+    assert json.loads(Path(f"{beton}.report.json").read_text())["written"] == 12
+    check_beton(beton)

@@ -69,7 +69,7 @@ SlurmctldPort=6817
 AuthType=auth/munge
 # A requeued job waits cred_expire seconds before it may start again (120 s by default):
 # short here so that tests see a requeue cycle in seconds.
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 StateSaveLocation=$STATE/ctld
 SlurmctldPidFile=$STATE/slurmctld.pid
 SlurmctldLogFile=$STATE/slurmctld.log
@@ -83,6 +83,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# Schedule every 2 s (defaults: 60 s and 30 s), so a requeued job starts as soon as it may.
+SchedulerParameters=sched_interval=2,bf_interval=2
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
@@ -94,6 +96,7 @@ KillWait=10
 InactiveLimit=0
 SlurmdTimeout=60
 MpiDefault=none
+MailProg=/bin/true
 NodeName=node[1-$NODES] NodeHostname=$host NodeAddr=127.0.0.1 Port=17001-$last_port CPUs=$CPUS RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=node[1-$NODES] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
