@@ -156,11 +156,20 @@ class DALIMultiCropLoader:
             self._checkpoint = None
         return self._pipe
 
+    def _stream(self) -> torch.cuda.Stream | None:
+        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
+    def _run(self, pipe: Pipeline) -> Sequence[Any]:
+        # On a GPU, outputs come ordered on torch's stream: the copies below wait for DALI's
+        # work there, and DALI frees the buffers only after them, without a host sync.
+        stream = self._stream()
+        return pipe.run() if stream is None else pipe.run(stream)
+
     def _skip_rest_of_epoch(self, pipe: Pipeline) -> None:
         # The reader's epoch is ceil(shard / B) batches; run what this epoch did not yield,
         # so the next epoch starts at the reader's next epoch.
         for _ in range(math.ceil(self._shard / self.batch_size) - self.batches_done):
-            pipe.run()
+            self._run(pipe)
         self.epoch, self.batches_done = self.epoch + 1, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -175,7 +184,7 @@ class DALIMultiCropLoader:
         pipe = self._pipeline()
         for _ in range(self.batches_done, len(self)):
             real = min(self.batch_size, self._shard - self.batches_done * self.batch_size)
-            batch = self._to_batch(pipe.run(), real)
+            batch = self._to_batch(self._run(pipe), real)
             self.batches_done += 1
             if self.batches_done == len(self):
                 self._skip_rest_of_epoch(pipe)
@@ -185,7 +194,7 @@ class DALIMultiCropLoader:
         """`count` DALI view outputs as one [count * real, 3, size, size] channels_last tensor."""
         B = self.batch_size
         buf = torch.empty((count * B, size, size, 3), dtype=self._copy_dtype, device=self.device)
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        stream = self._stream()
         for i in range(count):
             # One copy per view, straight into its slot of the view-major buffer.
             feed_ndarray(outs[first + i].as_tensor(), buf[i * B:(i + 1) * B], cuda_stream=stream)
