@@ -110,7 +110,9 @@ class DALIMultiCropLoader:
 
     `data`: an ImageFolder root (scanned; broken files are reported in `skipped` and left
     out) or a list of validated (path, label), e.g. `pipeline.validate.read_fix_list(...)`.
-    `workers`: DALI CPU threads (default: the cores this process may use).
+    `workers`: DALI CPU threads (default: the cores this process may use; under DDP give
+    each rank its share of the node's cores). `drop_last=False` ends each epoch with the
+    shard's partial batch, so ranks may then differ by one batch: for evaluation passes.
     """
 
     def __init__(self, data: DataSource, recipe: MultiCropRecipe, batch_size: int, *,
