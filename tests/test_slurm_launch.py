@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,18 @@ def test_script_exit_code_and_no_traceback() -> None:
     r = subprocess.run(LAUNCH + ["--nodes", "0"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["python slurm/launch.py: error: --nodes must be at least 1, got 0"]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_local_gpu_run_trains_on_cuda(tmp_path: Path, photo_train: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--local on a GPU host: submitit's LocalExecutor, one task on GPU 0, the demo config."""
+    run = tmp_path / "run"
+    assert main(["--local", "--gpus-per-node", "1", "--config", "demo", "--data", str(photo_train), "--out", str(run),
+                 "schedule.steps=3", "run.progress=false"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    assert result["step"] == 3 and not result["preempted"]
+    assert (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())
+    log = next((run / "submitit").glob("*_0_log.out")).read_text()
+    assert "Job completed successfully" in log

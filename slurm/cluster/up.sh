@@ -41,8 +41,10 @@ if [ ! -s /etc/munge/munge.key ]; then
     chmod 600 /etc/munge/munge.key
 fi
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-    # --force: munged refuses root-owned or group-writable paths that containers often have.
-    munged --force
+    # As the munge user, like the packaged service; as root with --force where that fails
+    # (containers often have root-owned or group-writable paths munged refuses).
+    chown -R munge:munge /run/munge /var/log/munge /var/lib/munge 2>/dev/null || true
+    runuser -u munge -- munged 2>/dev/null || munged --force
     for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
     munge -n | unmunge >/dev/null || die "munged did not start (see /var/log/munge/munged.log)"
 fi
