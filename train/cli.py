@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from mveb.errors import not_implemented
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,21 +27,63 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--checkpoint", default=None, help="run folder, checkpoint or exported backbone; none = random init")
         p.add_argument("--train", required=True, help="labelled ImageFolder or .beton for the memory bank / head")
         p.add_argument("--val", required=True, help="labelled ImageFolder or .beton to score")
-        p.add_argument("--arch", default="resnet50", help="torchvision ResNet name")
+        p.add_argument("--arch", default=None, help="torchvision ResNet name (default: the checkpoint's, else resnet50)")
         p.add_argument("--image-size", type=int, default=224)
         p.add_argument("--batch-size", type=int, default=256)
         p.add_argument("--device", default="auto")
-        p.add_argument("--json", default=None, help="write the result as JSON here")
-        p.set_defaults(func=lambda a, n=name: not_implemented(n))
+        p.add_argument("--workers", type=int, default=None, help="decoding processes (default: min(8, CPUs))")
+        p.add_argument("--json", default=None, help="write the result as JSON here ('-' for stdout)")
+        if name == "knn":
+            p.add_argument("--k", type=int, default=200, help="neighbours (clipped to the memory bank size)")
+            p.add_argument("--temperature", type=float, default=0.1, help="vote weight exp(similarity / T)")
+            p.set_defaults(func=_run_knn)
+        else:
+            p.add_argument("--epochs", type=int, default=100)
+            p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate per 256 samples (cosine decay)")
+            p.add_argument("--precompute", action="store_true",
+                           help="fast: train the head on centre-crop features computed once (no augmentation)")
+            p.set_defaults(func=_run_lineval)
 
     p = sub.add_parser("export", help="write the backbone as a torchvision resnet state_dict", formatter_class=fmt)
     p.add_argument("run", help="run folder or checkpoint")
     p.add_argument("--out", required=True, help="output .pth")
-    p.set_defaults(func=lambda a: not_implemented("export"))
+    p.set_defaults(func=_run_export)
 
     p = sub.add_parser("report", help="render PNG plots (loss, lr, throughput, data wait) of a run", formatter_class=fmt)
     p.add_argument("run", help="run folder holding metrics.jsonl")
-    p.set_defaults(func=lambda a: not_implemented("report"))
+    p.add_argument("--out", default=None, help="folder for the PNGs (default: RUN/plots)")
+    p.set_defaults(func=_run_report)
+
+
+# Evaluation handlers import lazily: `mveb --help` should not pay for torchvision and matplotlib.
+def _run_knn(args: argparse.Namespace) -> int:
+    from train.knn import run_knn
+
+    run_knn(args)
+    return 0
+
+
+def _run_lineval(args: argparse.Namespace) -> int:
+    from train.lineval import run_lineval
+
+    run_lineval(args)
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from train.export import export_backbone
+
+    print(export_backbone(args.run, args.out))
+    return 0
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from train.report import render_report
+
+    for path in render_report(args.run, args.out):
+        print(path)
+    return 0
+
 
 def _run_pretrain(args: argparse.Namespace) -> int:
     from train.config import get_config

@@ -1,0 +1,124 @@
+"""Backbones for evaluation: from a run folder, a checkpoint, an export; `mveb export`; bad inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from mveb.cli import main
+from mveb.errors import UsageError
+from train.checkpoint import save_checkpoint
+from train.config import get_config
+from train.export import export_backbone
+from train.features import load_backbone
+from train.model import Encoder
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder holding a checkpoint in the trainer's format, with non-initial backbone weights."""
+    run = tmp_path_factory.mktemp("run")
+    cfg = get_config("demo")
+    online = Encoder(cfg.model.arch, 32, 32)
+    momentum = {k: v.clone() for k, v in online.state_dict().items()}
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    state = {"model": online.state_dict(), "momentum": momentum, "optimizer": {}, "step": 3,
+             "epoch": 0, "config": cfg.to_dict()}
+    save_checkpoint(run, state, step=3)
+    return run
+
+
+def _one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_run_folder_gives_the_checkpoints_backbone_and_arch(run_dir: Path) -> None:
+    model = load_backbone(run_dir)
+    assert model.arch_name == "resnet18" and not model.training
+    saved = torch.load(next((run_dir / "checkpoints").glob("*.pt")), weights_only=True)["model"]
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, saved[f"backbone.{name}"], rtol=0, atol=0)
+
+
+def test_random_init_is_seeded() -> None:
+    a, b = load_backbone(None, "resnet18"), load_backbone(None, "resnet18")
+    torch.testing.assert_close(a.conv1.weight, b.conv1.weight, rtol=0, atol=0)
+    assert not torch.equal(a.conv1.weight, load_backbone(None, "resnet18", seed=1).conv1.weight)
+
+
+def test_export_loads_into_torchvision_missing_only_fc(run_dir: Path, tmp_path: Path) -> None:
+    out = export_backbone(run_dir, tmp_path / "sub" / "backbone.pth")
+    assert [p.name for p in out.parent.iterdir()] == ["backbone.pth"]  # no temporary left behind
+    net = torchvision.models.resnet18()
+    result = net.load_state_dict(torch.load(out, weights_only=True), strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and result.unexpected_keys == []
+    # The exported file is itself a valid --checkpoint, and gives the same features.
+    net.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), load_backbone(out, "resnet18")(x))
+        torch.testing.assert_close(net(x), load_backbone(run_dir)(x))
+
+
+def test_mveb_export_cli(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "b.pth")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "b.pth")
+
+
+def test_arch_mismatch_is_a_one_line_error(run_dir: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    err = _one_line_error(["knn", "--checkpoint", str(run_dir), "--arch", "resnet50", "--train", str(tmp_path),
+                           "--val", str(tmp_path)], capsys)
+    assert "resnet50" in err and "resnet18" in err
+    exported = export_backbone(run_dir, tmp_path / "b.pth")
+    with pytest.raises(UsageError, match="does not hold resnet34 weights"):
+        load_backbone(exported, "resnet34")  # an export has no config: the weights must fit
+    with pytest.raises(UsageError, match="does not hold resnet50 weights"):
+        load_backbone(exported)  # default arch resnet50: shapes differ
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])
+def test_a_file_that_is_not_a_checkpoint_is_a_one_line_error(content: bytes | None, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "x.pt"
+    if content is None:
+        torch.save({"weights": [1, 2, 3]}, path)  # readable, but neither format
+    else:
+        path.write_bytes(content)
+    _one_line_error(["export", str(path), "--out", str(tmp_path / "o.pth")], capsys)
+    assert not (tmp_path / "o.pth").exists()
+
+
+def test_missing_paths_are_one_line_errors(photo_root: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert "does not exist" in _one_line_error(["export", str(tmp_path / "nope"), "--out", "x.pth"], capsys)
+    assert "no readable checkpoint" in _one_line_error(["export", str(tmp_path), "--out", "x.pth"], capsys)
+    err = _one_line_error(["knn", "--arch", "resnet18", "--train", str(tmp_path / "missing"), "--val",
+                           str(photo_root / "val")], capsys)
+    assert "missing" in err
+    err = _one_line_error(["lineval", "--arch", "resnet18", "--train", str(photo_root / "train"), "--val",
+                           str(tmp_path)], capsys)
+    assert str(tmp_path) in err
+    assert "unknown backbone" in _one_line_error(["knn", "--arch", "vgg16", "--train", str(tmp_path), "--val",
+                                                 str(tmp_path)], capsys)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["knn", "--image-size", "8"], "--image-size"),
+    (["knn", "--k", "0"], "--k"),
+    (["knn", "--temperature", "0"], "--temperature"),
+    (["lineval", "--epochs", "0"], "--epochs"),
+    (["lineval", "--batch-size", "0"], "--batch-size"),
+    (["knn", "--device", "tpu"], "device"),
+])
+def test_bad_options_are_one_line_errors(argv: list[str], says: str, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert says in _one_line_error(argv + ["--train", str(tmp_path), "--val", str(tmp_path)], capsys)
