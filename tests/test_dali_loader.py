@@ -284,4 +284,11 @@ def test_gpu_resume_equals_uninterrupted(indexed: list[tuple[str, int]]) -> None
         next(it)
     resumed = DALIMultiCropLoader(indexed, RECIPE, 4, device="cuda", seed=2)
     resumed.load_state_dict(first.state_dict())
-    assert all(_same(x, y) for x, y in zip(_epoch(resumed), ref[3:]))
+    rest = _epoch(resumed)
+    assert len(rest) == len(ref) - 3
+    for x, y in zip(rest, ref[3:]):
+        # Same files, crops and draws; a few levels of slack in case the hardware and the
+        # CUDA JPEG decoders split the batch differently (a wrong crop differs by far more).
+        assert torch.equal(x.labels, y.labels)
+        assert (x.global_views - y.global_views).abs().max() < 0.05
+        assert (x.local_views - y.local_views).abs().max() < 0.05
