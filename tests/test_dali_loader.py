@@ -290,5 +290,5 @@ def test_gpu_resume_equals_uninterrupted(indexed: list[tuple[str, int]]) -> None
         # Same files, crops and draws; a few levels of slack in case the hardware and the
         # CUDA JPEG decoders split the batch differently (a wrong crop differs by far more).
         assert torch.equal(x.labels, y.labels)
-        assert (x.global_views - y.global_views).abs().max() < 0.05
-        assert (x.local_views - y.local_views).abs().max() < 0.05
+        assert (x.global_views - y.global_views).abs().mean() < 0.02
+        assert (x.local_views - y.local_views).abs().mean() < 0.02
