@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mveb.errors import UsageError
 
-from .batch import MultiCropBatch
+from .batch import MultiCropBatch, check_loader_args
 from .images import Sample, list_image_folder, open_rgb
 from .recipe import MultiCropRecipe, ViewSpec
 
@@ -182,10 +182,7 @@ class TorchMultiCropLoader:
     def __init__(self, data: str | Path | Sequence[Sample], recipe: MultiCropRecipe, batch_size: int, *,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
                  rank: int = 0, world_size: int = 1, workers: int | None = None, drop_last: bool = True) -> None:
-        if batch_size < 1:
-            raise UsageError(f"batch size must be at least 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise UsageError(f"rank {rank} is outside world size {world_size}")
+        check_loader_args(batch_size, rank, world_size)
         self.classes, self.samples = resolve_samples(data)
         self.recipe, self.batch_size = recipe, batch_size
         self.device, self.dtype = torch.device(device), dtype
