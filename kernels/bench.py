@@ -105,7 +105,7 @@ def _skip_reason(impl: str, b: int, d: int, device: torch.device) -> str | None:
         need = b * b * d * 4
         budget = torch.cuda.get_device_properties(device).total_memory // 2 if device.type == "cuda" else CPU_LITERAL_BYTES
         if need > budget:
-            return f"B x B x D tensor alone is {need / 2**30:.0f} GiB (budget {budget / 2**30:.0f} GiB)"
+            return f"B x B x D tensor alone is {need / 2**30:.2f} GiB (budget {budget / 2**30:.2f} GiB)"
     return None
 
 

@@ -13,12 +13,14 @@ import torch
 import triton
 
 from kernels import triton_kernels as tk
-from kernels.torch_ops import TorchOps
+from kernels.torch_ops import TorchOps, ieee_fp32_matmul
 
 # Small tiles keep the interpreter (TRITON_INTERPRET=1, CPU tests) fast; GPUs get real tiles.
 _TILE_GPU = {"rows": 32, "cols": 128, "radix": 4096, "gemm_m": 64, "gemm_n": 64, "gemm_k": 32, "sweep": 32}
 _TILE_CPU = {"rows": 16, "cols": 16, "radix": 256, "gemm_m": 16, "gemm_n": 16, "gemm_k": 16, "sweep": 16}
 SWEEP_MAX_B = 512
+# After one Newton step the error is about the square of this: fp32 Cholesky quality.
+SWEEP_MAX_RESIDUAL = 1e-2
 
 
 def _tiles(x: torch.Tensor) -> dict[str, int]:
@@ -69,7 +71,10 @@ class TritonOps(TorchOps):
         return a, r, tau
 
     def spd_inverse(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A^{-1} by the blocked symmetric sweep: B / T launches, no Cholesky, no host work.
+        """A^{-1} by the blocked symmetric sweep (B / T launches, no Cholesky), then one
+        Newton step P + P (I - A P). Gauss-Jordan is less accurate than Cholesky on
+        ill-conditioned A, so a view whose residual I - A P exceeds SWEEP_MAX_RESIDUAL is
+        reported as failed, and score_operator redoes it in fp64.
         Above sweep_max_b the redundant per-tile pivot-block inversions (and B / T launches)
         cost more than cuSOLVER's Cholesky, so large B keeps the inherited path."""
         views, b, _ = a.shape
@@ -82,7 +87,11 @@ class TritonOps(TorchOps):
         for k in range(steps):
             src, dst = bufs[0] if k == 0 else bufs[1 + (k + 1) % 2], bufs[1 + k % 2]
             tk.sweep_step_kernel[(views, steps, steps)](src, dst, info, b, k, -1.0 if k == steps - 1 else 1.0, T=t)
-        return dst, info
+        with ieee_fp32_matmul():
+            residual = torch.eye(b, dtype=a.dtype, device=a.device) - torch.bmm(a, dst)
+            p = torch.baddbmm(dst, dst, residual)
+        inaccurate = ~(residual.abs().amax(dim=(1, 2)) <= SWEEP_MAX_RESIDUAL)
+        return p, info.masked_fill_(inaccurate, 1)
 
     def operator(
         self, p: torch.Tensor, r: torch.Tensor, tau: torch.Tensor, s: torch.Tensor

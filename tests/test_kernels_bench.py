@@ -31,7 +31,7 @@ def test_bench_kernels_cpu_table_and_json(tmp_path: Path, capsys: pytest.Capture
 def test_bench_kernels_skips_literal_beyond_memory_budget(capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["bench", "kernels", "--device", "cpu", "--batch-sizes", "4096", "--impls", "reference-literal"])
     assert rc == 0
-    assert "skipped: B x B x D tensor alone is 128 GiB" in capsys.readouterr().out
+    assert "skipped: B x B x D tensor alone is 128.00 GiB" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -46,10 +46,22 @@ def _run_cases(out: Path) -> None:
     s = torch.tensor([-0.0, 0.0, 1.0, -1.0, 0.5, -0.5, 1e-30, -1e-30])[torch.randint(8, (3, 7, 7), generator=g)]
     s[2] = torch.randn(7, 7, generator=g).clamp(-1, 1)
     results["select"] = {"triton": TritonOps().kernel_matrix(s, 0.01, 0.1), "torch": TorchOps().kernel_matrix(s, 0.01, 0.1)}
+    results["sweep"] = {"a": _sweep_inputs(), "p_info": TritonOps().spd_inverse(_sweep_inputs())}
     bad = _case_inputs(INTERPRETER_CASES[0])[0]
     bad[1, 2, 3] = float("nan")
     results["nan"] = mveb_loss(bad, _case_inputs(INTERPRETER_CASES[0])[1], impl="triton")
     torch.save(results, out)
+
+
+def _sweep_inputs() -> torch.Tensor:
+    """[3, 19, 19]: a kernel matrix, a near-collapse one, and an indefinite one (2 sweep steps of 16)."""
+    from kernels.torch_ops import TorchOps
+
+    online, _ = make_views("clustered", 1, 19, 8, seed=2, dtype=torch.float32)
+    collapsed, _ = make_views("collapsed", 1, 19, 8, seed=2, dtype=torch.float32)
+    x = torch.nn.functional.normalize(torch.cat([online, collapsed]).detach(), dim=-1)
+    a, _, _ = TorchOps().kernel_matrix(x @ x.transpose(1, 2), 0.01, 0.1)
+    return torch.cat([a, (torch.ones(19, 19) - 0.5 * torch.eye(19))[None]])
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +102,21 @@ def test_interpreted_radix_select_is_exact(interpreted: dict) -> None:
     (a, r, tau), (a_ref, r_ref, tau_ref) = interpreted["select"]["triton"], interpreted["select"]["torch"]
     assert torch.equal(tau, tau_ref)
     assert torch.allclose(a, a_ref, rtol=1e-6, atol=0) and torch.allclose(r, r_ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow
+def test_interpreted_sweep_inverts_spd_and_flags_what_it_cannot(interpreted: dict) -> None:
+    """Sweep + one Newton step is as accurate as the fp32 Cholesky path on a kernel matrix;
+    the near-collapse view (its Gauss-Jordan residual is large) and the indefinite one are
+    flagged, so score_operator redoes them in fp64."""
+    from kernels.torch_ops import TorchOps
+
+    a = interpreted["sweep"]["a"]
+    p, info = interpreted["sweep"]["p_info"]
+    assert info.tolist() == [0, 1, 1]
+    want = torch.linalg.inv(a[0].double())
+    cholesky, _ = TorchOps().spd_inverse(a[:1])
+    assert rel(p[0], want) <= max(2 * rel(cholesky[0], want), 1e-6)
 
 
 @pytest.mark.slow
