@@ -14,7 +14,10 @@ Rerunning the same command with the same --out resumes the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -96,8 +99,9 @@ def sbatch_script(res: Resources, folder: Path) -> str:
 
 def _print_plan(res: Resources, plan: BatchPlan | None) -> None:
     unit = f"{res.gpus_per_node} GPUs" if res.gpus_per_node else f"{res.tasks_per_node} CPU tasks"
-    print(f"nodes: {res.nodes} x {unit} per node = world size {res.world_size} (one task per "
-          f"{'GPU' if res.gpus_per_node else 'task slot'}, {res.cpus_per_task} CPUs each)")
+    each = "one task per GPU, " if res.gpus_per_node else ""
+    print(f"nodes: {res.nodes} x {unit} per node = world size {res.world_size} "
+          f"({each}{res.cpus_per_task} CPUs per task)")
     if plan is not None:
         print(f"batch: {plan.per_rank} per task x {plan.world_size} = global batch {plan.global_batch}")
         print(f"lr: {plan.base_lr:g} x {plan.global_batch} / 256 = {plan.lr:g}")
@@ -129,7 +133,12 @@ def _submit(a: argparse.Namespace, res: Resources, folder: Path, fn: Callable[..
         executor.update_parameters(**res.local_parameters())
     else:
         executor.update_parameters(**{f"slurm_{k}": v for k, v in res.sbatch_parameters().items()})
-    job = executor.submit(fn, *args, **kwargs)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit echoes sbatch's errors; we say it once
+            job = executor.submit(fn, *args, **kwargs)
+    except submitit.core.utils.FailedJobError as e:  # sbatch said no: bad partition, account, QOS...
+        reason = (str(e).strip().splitlines() or ["no reason given"])[-1].removeprefix("sbatch: error: ")
+        raise UsageError(f"sbatch refused the job: {reason}") from None
     print(f"submitted job {job.job_id} ({'local' if a.local else 'slurm'})")
     print(f"logs: {job.paths.stdout}")
     print(f"      {job.paths.stderr}")
@@ -161,8 +170,8 @@ def launch_training(a: argparse.Namespace) -> int:
     if a.out is not None:
         cfg.run.out = a.out
     cfg.run.out = str(Path(cfg.run.out).resolve())
-    plan = batch_plan(res.world_size, cfg.optim.base_lr, a.batch_size or cfg.data.global_batch_size,
-                      a.batch_per_gpu, cfg.data.batch_size)
+    global_batch = a.batch_size if a.batch_size is not None else cfg.data.global_batch_size
+    plan = batch_plan(res.world_size, cfg.optim.base_lr, global_batch, a.batch_per_gpu, cfg.data.batch_size)
     cfg.data.batch_size, cfg.data.global_batch_size = plan.per_rank, None
     run_dir = Path(cfg.run.out)
     folder = run_dir / "submitit"
@@ -179,8 +188,8 @@ def launch_training(a: argparse.Namespace) -> int:
 
     check_config(cfg, res.world_size)
     _check_submit(a, res)
-    write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     job = _submit(a, res, folder, TrainJob(cfg.to_dict()))
+    write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     launch = {"job_id": job.job_id, "executor": "local" if a.local else "slurm", "nodes": res.nodes,
               "tasks_per_node": res.tasks_per_node, "gpus_per_node": res.gpus_per_node,
               "world_size": res.world_size, "batch_per_task": plan.per_rank, "global_batch": plan.global_batch,
@@ -221,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         sys.stderr.write(f"{PROG}: error: {e}\n")
         return 2
+    except BrokenPipeError:  # `--dry-run | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -97,7 +97,9 @@ def batch_plan(world_size: int, base_lr: float, global_batch: int | None, per_ra
     from train.schedules import scaled_lr
 
     if global_batch is not None:
-        if global_batch < 1 or global_batch % world_size:
+        if global_batch < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {global_batch}")
+        if global_batch % world_size:
             raise UsageError(f"--batch-size {global_batch} is not divisible by the world size {world_size}; "
                              f"use a multiple of {world_size} or --batch-per-gpu")
         per_rank = global_batch // world_size

@@ -19,7 +19,7 @@ import pytest
 
 from slurm.launch import main
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = pytest.mark.slurm
 
 # The demo preset, shrunk so that a step takes a second or two on 2 shared cores.
 TINY = ["data.batch_size=4", "data.workers=0", "data.n_local=0", "run.progress=false", "run.tensorboard=false"]
@@ -82,6 +82,7 @@ def _metrics(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.slow
 def test_signal_requeues_and_resumes_from_the_checkpoint(jobs: dict[str, tuple[Path, str]]) -> None:
     folder, job_id = jobs["requeue"]
     run = folder.parent
@@ -105,6 +106,7 @@ def test_signal_requeues_and_resumes_from_the_checkpoint(jobs: dict[str, tuple[P
     assert [m["step"] for m in _metrics(run)] == list(range(1, REQUEUE_STEPS + 1))
 
 
+@pytest.mark.slow
 def test_two_nodes_two_tasks_train_the_demo_config(jobs: dict[str, tuple[Path, str]]) -> None:
     folder, job_id = jobs["train"]
     run = folder.parent
@@ -123,6 +125,7 @@ def test_two_nodes_two_tasks_train_the_demo_config(jobs: dict[str, tuple[Path, s
     assert (launch["world_size"], launch["global_batch"]) == (4, 16)
 
 
+@pytest.mark.slow
 def test_shards_runs_as_a_cpu_job(jobs: dict[str, tuple[Path, str]]) -> None:
     from pipeline.shards import check_beton
 
@@ -132,3 +135,12 @@ def test_shards_runs_as_a_cpu_job(jobs: dict[str, tuple[Path, str]]) -> None:
     beton = folder.parent / "train.beton"
     assert json.loads(Path(f"{beton}.report.json").read_text())["written"] == 12
     check_beton(beton)
+
+
+def test_refused_submission_is_one_line(tmp_path: Path, photo_train: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--gpus-per-node", "0", "--partition", "no-such-partition", "--config", "demo",
+                 "--data", str(photo_train), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == ["python slurm/launch.py: error: sbatch refused the job: "
+                                "Batch job submission failed: Invalid partition name specified"]
+    assert not (tmp_path / "run" / "config.json").exists()
