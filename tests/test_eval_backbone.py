@@ -1,4 +1,4 @@
-"""Backbones for evaluation: from a run folder, a checkpoint, an export; `mveb export`; bad inputs."""
+"""Backbones for evaluation from a real run (a checkpoint, an export); `mveb export`, `mveb report`; bad inputs."""
 
 from __future__ import annotations
 
@@ -10,26 +10,22 @@ import torchvision
 
 from mveb.cli import main
 from mveb.errors import UsageError
-from train.checkpoint import save_checkpoint
+from train.checkpoint import latest_checkpoint
 from train.config import get_config
 from train.export import export_backbone
 from train.features import load_backbone
-from train.model import Encoder
+from train.pretrain import pretrain
+from train.report import render_report
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder holding a checkpoint in the trainer's format, with non-initial backbone weights."""
+def run_dir(photo_train: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real run folder: 2 steps of the demo preset, shrunk (4 images of 32 px, 64-d projector)."""
     run = tmp_path_factory.mktemp("run")
-    cfg = get_config("demo")
-    online = Encoder(cfg.model.arch, 32, 32)
-    momentum = {k: v.clone() for k, v in online.state_dict().items()}
-    with torch.no_grad():
-        for p in online.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    state = {"model": online.state_dict(), "momentum": momentum, "optimizer": {}, "step": 3,
-             "epoch": 0, "config": cfg.to_dict()}
-    save_checkpoint(run, state, step=3)
+    overrides = [f"data.path={photo_train}", f"run.out={run}", "schedule.steps=2", "data.batch_size=4",
+                 "data.global_size=32", "data.local_size=16", "data.workers=0", "model.proj_hidden=64",
+                 "model.proj_dim=64", "run.progress=false", "run.tensorboard=false"]
+    pretrain(get_config("demo", overrides))
     return run
 
 
@@ -43,9 +39,14 @@ def _one_line_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 def test_run_folder_gives_the_checkpoints_backbone_and_arch(run_dir: Path) -> None:
     model = load_backbone(run_dir)
     assert model.arch_name == "resnet18" and not model.training
-    saved = torch.load(next((run_dir / "checkpoints").glob("*.pt")), weights_only=True)["model"]
+    saved = torch.load(latest_checkpoint(run_dir), weights_only=True)["model"]
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, saved[f"backbone.{name}"], rtol=0, atol=0)
+
+
+def test_report_plots_a_real_runs_metrics(run_dir: Path) -> None:
+    assert [p.name for p in render_report(run_dir)] == ["loss.png", "schedule.png", "throughput.png",
+                                                        "data_wait.png"]
 
 
 def test_random_init_is_seeded() -> None:

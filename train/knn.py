@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -54,6 +55,20 @@ def knn_eval(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, val_l
             "n_train": len(train_feats), "n_val": n, "num_classes": num_classes}
 
 
+def backbone_knn(backbone: torch.nn.Module, train: str | Path, val: str | Path, image_size: int = 224,
+                 batch_size: int = 256, device: torch.device | str = "cpu", k: int = K, T: float = TEMPERATURE,
+                 workers: int | None = None) -> dict:
+    """kNN accuracy of a backbone: `train` is the memory bank, `val` is scored (the demo's and monitor's call)."""
+    device = torch.device(device)
+    bank = extract_features(backbone, train, image_size, batch_size, device, workers=workers)
+    queries = extract_features(backbone, val, image_size, batch_size, device, workers=workers)
+    check_same_classes(bank.classes, bank.num_classes, queries, str(train), str(val))
+    result = knn_eval(bank.feats.to(device), bank.labels, queries.feats, queries.labels, k=k, T=T,
+                      num_classes=bank.num_classes)
+    result["skipped_images"] = len(bank.skipped) + len(queries.skipped)
+    return result
+
+
 def run_knn(args: argparse.Namespace) -> dict:
     """`mveb knn`: features of --train (the bank) and --val, weighted kNN, one-line table and JSON."""
     start = time.perf_counter()
@@ -62,13 +77,10 @@ def run_knn(args: argparse.Namespace) -> dict:
         raise UsageError(f"need --k >= 1 and --temperature > 0, got {args.k} and {args.temperature}")
     device = resolve_device(args.device)
     backbone = load_backbone(args.checkpoint, args.arch)
-    train = extract_features(backbone, args.train, args.image_size, args.batch_size, device, workers=args.workers)
-    val = extract_features(backbone, args.val, args.image_size, args.batch_size, device, workers=args.workers)
-    check_same_classes(train.classes, train.num_classes, val, args.train, args.val)
-    result = knn_eval(train.feats.to(device), train.labels, val.feats, val.labels, k=args.k,
-                      T=args.temperature, num_classes=train.num_classes)
+    result = backbone_knn(backbone, args.train, args.val, args.image_size, args.batch_size, device, args.k,
+                          args.temperature, args.workers)
     result.update(checkpoint=args.checkpoint, arch=backbone.arch_name, image_size=args.image_size,
-                  skipped_images=len(train.skipped) + len(val.skipped), seconds=time.perf_counter() - start)
+                  seconds=time.perf_counter() - start)
     print(format_result("kNN", result, f"k={result['k']} T={result['T']:g}"))
     write_result(args.json, result)
     return result
