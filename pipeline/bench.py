@@ -21,6 +21,7 @@ import torch
 
 from mveb.errors import UsageError
 
+from .images import usable_cpus
 from .loaders import BACKENDS, build_loader, check_data, loader_class
 from .recipe import DEFAULT_RECIPE, MultiCropRecipe
 from .validate import write_atomic
@@ -104,7 +105,7 @@ def bench_loaders(data: str | Path, backends: list[str], batch_size: int = 64, w
     warmup_s = min(5.0, seconds / 4) if warmup_s is None else warmup_s
     results = [bench_backend(b, data, recipe, batch_size, workers, seconds, dev, warmup_s) for b in backends]
     return {"results": results, "data": data, "device": str(dev), "batch_size": batch_size,
-            "workers": workers or os.cpu_count(), "cpu_count": os.cpu_count(), "seconds": seconds,
+            "workers": workers or usable_cpus(), "cpu_count": os.cpu_count(), "seconds": seconds,
             "views": f"{recipe.n_global}x{recipe.global_size}+{recipe.n_local}x{recipe.local_size}",
             "recipe": recipe.to_dict()}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--src", required=True, help="ImageFolder root (one subfolder per class)")
     p.add_argument("--report", default=None, help="JSON report path (default: SRC/../<name>.validate.json)")
     p.add_argument("--fix-list", default=None, help="write the list of decodable files (DALI file_list format)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: the CPUs this job may use)")
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("shards", help="build an FFCV .beton shard from an ImageFolder tree",
@@ -21,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .beton path; a report is written beside it")
     p.add_argument("--max-res", type=int, default=256, help="longest side after resizing")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of stored images")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="writer processes")
+    p.add_argument("--workers", type=int, default=None, help="writer processes (default: the CPUs this job may use)")
     p.add_argument("--limit", type=int, default=None, help="write at most this many images")
     p.add_argument("--classes", default=None, help="file with one class folder name per line (fixes label order)")
     p.add_argument("--timeout", type=float, default=None,
@@ -46,7 +45,7 @@ def add_bench_loader_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="ImageFolder root")
     p.add_argument("--backends", default="ffcv,dali,torch", help="comma-separated backends to compare")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default: the CPUs this job may use)")
     p.add_argument("--seconds", type=float, default=20.0, help="timed seconds per backend after warm-up")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", default=None, help="write results as JSON here")

@@ -25,6 +25,11 @@ Image.MAX_IMAGE_PIXELS = 1 << 30
 Sample = tuple[str, int]  # (path, label)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: under SLURM (or taskset) that is the allocation, not the node."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 

@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 
 from mveb.errors import UsageError
 
-from .images import Sample, read_class_file, to_rgb8
+from .images import Sample, read_class_file, to_rgb8, usable_cpus
 from .validate import scan, write_atomic
 
 
@@ -151,7 +151,7 @@ def build_shard(src: str | Path, out: str | Path, max_res: int = 256, quality: i
         raise UsageError(f"cannot create {out.parent}: {e.strerror}") from None
     if isinstance(classes, (str, Path)):
         classes = read_class_file(classes)
-    workers = max(1, workers or os.cpu_count() or 1)
+    workers = max(1, workers or usable_cpus())
 
     result = scan(src, workers, classes, progress=progress)
     samples = _choose(result.good, limit)

@@ -19,7 +19,6 @@ with the current epoch it keeps the position (so resume, then set_epoch, continu
 from __future__ import annotations
 
 import math
-import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -34,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from mveb.errors import UsageError
 
 from .batch import MultiCropBatch, check_loader_args
-from .images import Sample, list_image_folder, open_rgb
+from .images import Sample, list_image_folder, open_rgb, usable_cpus
 from .recipe import MultiCropRecipe, ViewSpec
 
 
@@ -187,7 +186,7 @@ class TorchMultiCropLoader:
         self.recipe, self.batch_size = recipe, batch_size
         self.device, self.dtype = torch.device(device), dtype
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.workers = (os.cpu_count() or 1) if workers is None else workers
+        self.workers = usable_cpus() if workers is None else workers
         self.drop_last = drop_last
         self.epoch, self.batches_done = 0, 0
         if len(self) == 0:

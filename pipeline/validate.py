@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from mveb.errors import UsageError
 
-from .images import Sample, list_image_folder, why_undecodable
+from .images import Sample, list_image_folder, usable_cpus, why_undecodable
 
 
 @dataclass
@@ -40,7 +40,7 @@ def scan(src: str | Path, workers: int | None = None, classes: list[str] | None 
     """Fully decode every image under `src` in `workers` processes; sort good from bad."""
     start = time.perf_counter()
     class_names, samples = list_image_folder(src, classes)
-    workers = max(1, workers or os.cpu_count() or 1)
+    workers = max(1, workers or usable_cpus())
     paths = [p for p, _ in samples]
     bar = tqdm(total=len(paths), desc="decode", unit="img", disable=not progress, smoothing=0.1)
     if workers == 1 or len(paths) < 64:
