@@ -193,7 +193,7 @@ def _sweep_tile(d, T: tl.constexpr):
     return d, failed
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def sweep_step_kernel(a_in, a_out, info_ptr, B, K, sign, T: tl.constexpr):
     """One block step of the symmetric sweep (block Gauss-Jordan without pivoting, stable for
     SPD): after sweeping every diagonal block, A has become -A^{-1}. Reads a_in, writes

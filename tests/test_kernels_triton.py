@@ -66,6 +66,7 @@ def _sweep_inputs() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    pytest.importorskip("triton")
     out = tmp_path_factory.mktemp("triton") / "results.pt"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).parent)}
     proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600)
@@ -122,6 +123,40 @@ def test_interpreted_sweep_inverts_spd_and_flags_what_it_cannot(interpreted: dic
 @pytest.mark.slow
 def test_interpreted_nan_input_gives_nan_loss(interpreted: dict) -> None:
     assert torch.isnan(interpreted["nan"])
+
+
+F32 = "*fp32"
+SM90_SIGNATURES = {  # kernel: (signature, constexprs) as kernels/triton_ops.py launches them on a GPU
+    "normalize_align_kernel": ({"online_ptr": "*bf16", "targets_ptr": "*bf16", "z_ptr": F32, "t_ptr": F32,
+                                "norms_ptr": F32, "rowdot_ptr": F32, "V": "i32", "B": "i32", "D": "i32",
+                                "BLOCK_D": "constexpr"}, {"BLOCK_D": 2048}),
+    "radix_pass_kernel": ({"s_ptr": F32, "hist_ptr": "*i32", "V": "i32", "N": "i32", "k": "i32", "PASS": "constexpr",
+                           "BLOCK": "constexpr"}, {"PASS": 3, "BLOCK": 4096}),
+    "kernel_matrix_kernel": ({"s_ptr": F32, "hist_ptr": "*i32", "a_ptr": F32, "r_ptr": F32, "tau_ptr": F32, "V": "i32",
+                              "B": "i32", "k": "i32", "eta": "fp32", "min_tau": "fp32", "BLOCK_M": "constexpr",
+                              "BLOCK_N": "constexpr", "PASSES": "constexpr"}, {"BLOCK_M": 32, "BLOCK_N": 128, "PASSES": 4}),
+    "operator_kernel": ({"p_ptr": F32, "s_ptr": F32, "r_ptr": F32, "tau_ptr": F32, "m_ptr": F32, "ms_ptr": F32,
+                         "B": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}, {"BLOCK_M": 32, "BLOCK_N": 128}),
+    "grad_online_kernel": ({"m_ptr": F32, "z_ptr": F32, "t_ptr": F32, "c_ptr": F32, "norms_ptr": F32, "scale_ptr": F32,
+                            "out_ptr": "*bf16", "B": "i32", "D": "i32", "lam": "fp32", "BLOCK_M": "constexpr",
+                            "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}),
+    "sweep_step_kernel": ({"a_in": F32, "a_out": F32, "info_ptr": "*i32", "B": "i32", "K": "i32", "sign": "fp32",
+                           "T": "constexpr"}, {"T": 32}),
+}
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_sm90_without_a_gpu() -> None:
+    """Lowering to a Hopper cubin (ptxas included) catches what the interpreter cannot."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import triton_kernels
+
+    for name, (signature, constexprs) in SM90_SIGNATURES.items():
+        src = ASTSource(fn=getattr(triton_kernels, name), signature=signature, constexprs=constexprs)
+        assert triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"], name
 
 
 GPU_CASES = [("random", 8, 256, 2048), ("clustered", 8, 128, 2048), ("collapsed", 8, 256, 2048),
