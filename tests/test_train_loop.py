@@ -1,0 +1,171 @@
+"""The pretraining loop end to end on a tiny real-photo set: resume, preemption, CLI, loaders, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mveb.cli import main
+from mveb.errors import UsageError
+from pipeline.demo_photos import build_photo_folder
+from train.checkpoint import latest_checkpoint, load_checkpoint
+from train.config import get_config
+from train.distributed import DistInfo
+from train.pretrain import pretrain
+from train.step import Trainer
+
+# 16 photos, batch 4: 4 steps per epoch, 12 in the schedule (1 warmup epoch).
+TINY = ["data.batch_size=4", "data.workers=0", "data.global_size=32", "data.local_size=16",
+        "model.proj_hidden=64", "model.proj_dim=32", "schedule.epochs=3", "schedule.warmup_epochs=1",
+        "run.log_every_steps=1", "run.progress=false", "run.checkpoint_every_steps=100"]
+STEPS = 6  # crosses an epoch boundary
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tiny model gains nothing from a second thread, and two OpenMP threads on a busy
+    # 2-core machine spin against each other (measured 5-10x slower steps).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_train(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_photo_folder(tmp_path_factory.mktemp("tiny"), per_class_train=4, per_class_val=1, side=48,
+                              classes=4) / "train"
+
+
+def _cfg(data: Path, out: Path, *extra: str):
+    return get_config("demo", TINY + [f"data.path={data}", f"run.out={out}", *extra])
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_train: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("uninterrupted")
+    summary = pretrain(_cfg(tiny_train, run, f"schedule.steps={STEPS}"))
+    assert summary["step"] == STEPS and not summary["preempted"]
+    return run
+
+
+def _assert_same_run(a: list[dict], b: list[dict]) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["lr"] == rb["lr"] and ra["momentum"] == rb["momentum"], ra["step"]
+        assert ra["epoch"] == rb["epoch"]
+        # Same weights, optimizer state and batches: the same loss up to float noise.
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-3, abs=1e-4), ra["step"]
+
+
+def test_uninterrupted_run_logs_every_step(uninterrupted: Path) -> None:
+    records = _metrics(uninterrupted)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    keys = {"step", "epoch", "loss", "align", "entropy", "lr", "momentum", "samples_per_s", "data_wait_fraction",
+            "skipped_steps"}
+    assert keys <= set(records[0])
+    assert all(math.isfinite(r["loss"]) and r["samples_per_s"] > 0 and 0 <= r["data_wait_fraction"] < 1
+               for r in records)
+    assert records[0]["momentum"] == pytest.approx(0.996) and records[-1]["momentum"] > records[0]["momentum"]
+    assert json.loads((uninterrupted / "config.json").read_text())["model"]["arch"] == "resnet18"
+    assert any((uninterrupted / "tensorboard").iterdir())
+    state = load_checkpoint(latest_checkpoint(uninterrupted))
+    assert state["step"] == STEPS and state["epoch"] == 1
+    assert {"model", "momentum", "optimizer", "scaler", "loader", "rng", "config"} <= set(state)
+    assert all(k.startswith(("backbone.", "projector.")) for k in state["model"])
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_matches_uninterrupted(uninterrupted: Path, tiny_train: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mveb", "pretrain", "--config", "demo", "--data", str(tiny_train), "--out", str(run),
+           "--steps", str(STEPS), *TINY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.jsonl").exists() and len(_metrics(run)) >= 2):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run never reached step 2"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "preempted" in out
+    stopped = load_checkpoint(latest_checkpoint(run))["step"]
+    assert 2 <= stopped < STEPS  # saved at a step boundary, before the end
+
+    summary = pretrain(_cfg(tiny_train, run, f"schedule.steps={STEPS}"))
+    assert summary["step"] == STEPS and summary["resumed_from"].endswith(f"step_{stopped:08d}.pt")
+    _assert_same_run(_metrics(uninterrupted), _metrics(run))
+    a, b = (load_checkpoint(latest_checkpoint(r)) for r in (uninterrupted, run))
+    assert a["loader"] == b["loader"] and a["epoch"] == b["epoch"]
+
+
+def test_cli_steps_2_then_3_continues(uninterrupted: Path, tiny_train: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    args = ["pretrain", "--config", "demo", "--data", str(tiny_train), "--out", str(run), *TINY]
+    assert main(args[:1] + ["--steps", "2"] + args[1:]) == 0
+    assert main(args[:1] + ["--steps", "3"] + args[1:]) == 0
+    assert "step 3" in capsys.readouterr().out
+    records = _metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3]  # 3 continues, nothing repeated
+    _assert_same_run(_metrics(uninterrupted)[:3], records)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["optim.no_such_key=1"], "unknown config key 'optim.no_such_key'"),
+    (["--data", "/no/such/folder"], "does not exist"),
+    (["data.global_batch_size=16"], "not divisible by the world size 3"),
+    (["--resume", "/no/such.pt"], "no such checkpoint"),
+])
+def test_bad_config_is_one_line(argv: list[str], message: str, tiny_train: Path, tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # A 3-process job as torchrun describes it; the check runs before any rendezvous.
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    base = ["pretrain", "--config", "demo", "--data", str(tiny_train), "--out", str(tmp_path / "run")]
+    assert main(base + argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def _one_step(loader_name: str, impl: str, data: Path) -> dict:
+    from pipeline.loaders import build_loader
+
+    cfg = get_config("demo", TINY + [f"loss.impl={impl}", f"data.loader={loader_name}"])
+    dist = DistInfo(0, 1, 0, torch.device("cpu"), False)
+    loader = build_loader(loader_name, data, cfg.data.recipe(), cfg.data.batch_size, seed=0, workers=1)
+    trainer = Trainer(cfg, dist, len(loader))
+    return trainer.step(next(iter(loader)), 0)
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_one_step_torch_loader_each_loss_impl(impl: str, tiny_train: Path) -> None:
+    out = _one_step("torch", impl, tiny_train)
+    assert math.isfinite(float(out["loss"])) and not out["skipped"]
+    assert out["lr"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ffcv", "dali"])
+def test_one_step_other_loaders(backend: str, tiny_train: Path) -> None:
+    try:
+        out = _one_step(backend, "torch", tiny_train)
+    except UsageError as e:
+        pytest.skip(f"{backend} loader unavailable here: {e}")
+    assert math.isfinite(float(out["loss"])) and not out["skipped"]
