@@ -59,15 +59,11 @@ class MvebLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, online, targets, lam, eta, min_tau, ops):  # type: ignore[override]
         with torch.autocast(online.device.type, enabled=False):
-            views, b, _ = online.shape
             z, norms, t, rowdot = ops.normalize_align(online, targets, compute_dtype(online))
             s = ops.gram(z)
             m, ms, tau = score_operator(z, s, eta, min_tau, ops)
-            align = rowdot.sum() / b
-            entropy = ms.sum(dim=-1) / b
-            loss = -(align + lam * entropy.sum()) / views
-            entropy_mean = entropy.mean()
-        ctx.save_for_backward(z, norms, t, m, rowdot + lam * ms)
+            loss, align, entropy_mean, dots = ops.finish(rowdot, ms, lam)
+        ctx.save_for_backward(z, norms, t, m, dots)
         ctx.lam, ctx.ops, ctx.in_dtype = lam, ops, online.dtype
         ctx.mark_non_differentiable(align, entropy_mean, tau)
         return loss, align, entropy_mean, tau
@@ -75,10 +71,8 @@ class MvebLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _align, _entropy, _tau):  # type: ignore[override]
         z, norms, t, m, dots = ctx.saved_tensors
-        views, b, _ = z.shape
-        scale = -grad_loss.to(z.dtype) / (views * b)
         with torch.autocast(z.device.type, enabled=False):
-            grad = ctx.ops.grad_online(m, z, t, scale * dots, norms, scale, ctx.lam, ctx.in_dtype)
+            grad = ctx.ops.grad_online(m, z, t, dots, norms, grad_loss.to(z.dtype), ctx.lam, ctx.in_dtype)
         return grad, None, None, None, None, None
 
 

@@ -91,15 +91,28 @@ class TorchOps:
         m = p * (r / tau[:, None])[:, None, :]
         return m, (m * s).sum(dim=-1)
 
-    def grad_online(
-        self, m: torch.Tensor, z: torch.Tensor, t: torch.Tensor, c: torch.Tensor, norms: torch.Tensor,
-        scale: torch.Tensor, lam: float, out_dtype: torch.dtype,
-    ) -> torch.Tensor:
-        """d loss / d online: dz = scale (target + lam M z), then through the normalization.
+    def finish(
+        self, rowdot: torch.Tensor, ms: torch.Tensor, lam: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, align, mean entropy, dots) from the align row dots and the row sums of M * S.
 
-        scale = -grad / (V B); c[v, b] = <z_vb, dz_vb>, known from the forward.
+        entropy_v = sum_b ms[v, b] / B; dots = rowdot + lam ms, so that the row dot
+        <z, d loss / d z> = -grad (rowdot + lam ms) / (V B) is known before the backward.
         """
-        w = view_weights(z.shape[0], z.dtype, z.device)
+        views, b = rowdot.shape
+        align = rowdot.sum() / b
+        entropy = ms.sum() / (views * b)
+        return -(align / views + lam * entropy), align, entropy, rowdot + lam * ms
+
+    def grad_online(
+        self, m: torch.Tensor, z: torch.Tensor, t: torch.Tensor, dots: torch.Tensor, norms: torch.Tensor,
+        grad_loss: torch.Tensor, lam: float, out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """d loss / d online: dz = scale (target + lam M z), scale = -grad / (V B), then through
+        the normalization: (dz - z <z, dz>) / |online|, with <z, dz> = scale * dots."""
+        views, b, _ = z.shape
+        scale = -grad_loss / (views * b)
+        w = view_weights(views, z.dtype, z.device)
         with ieee_fp32_matmul():
             dz = torch.baddbmm(torch.einsum("vj,jbd->vbd", w, t), m, z, alpha=lam) * scale
-        return ((dz - z * c[..., None]) / norms[..., None]).to(out_dtype)
+        return ((dz - z * (scale * dots)[..., None]) / norms[..., None]).to(out_dtype)

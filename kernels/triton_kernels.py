@@ -10,6 +10,7 @@
   the backward needs), in one read of P and S.
 - sweep_step: one block step of the in-place inversion of the SPD K + eta' I (a
   Gauss-Jordan sweep, Schur complements by tl.dot), with a failure flag per view.
+- finish: the loss, align and entropy scalars and the backward's row dots (1 program).
 - grad_online: the whole backward, M Z (IEEE fp32 tl.dot) with the alignment target, the
   scale and the normalization's backward fused into the GEMM epilogue.
 All work in fp32; inputs may be fp32, bf16 or fp16.
@@ -137,8 +138,28 @@ def operator_kernel(p_ptr, s_ptr, r_ptr, tau_ptr, m_ptr, ms_ptr, B, BLOCK_M: tl.
 
 
 @triton.jit
+def finish_kernel(rowdot_ptr, ms_ptr, dots_ptr, loss_ptr, align_ptr, entropy_ptr, V, B, lam, BLOCK: tl.constexpr):
+    """One program: the loss scalars from the [V, B] row sums, and dots = rowdot + lam ms."""
+    align = tl.zeros((BLOCK,), dtype=tl.float32)
+    ent = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i0 in range(0, V * B, BLOCK):
+        offs = i0 + tl.arange(0, BLOCK)
+        mask = offs < V * B
+        rd = tl.load(rowdot_ptr + offs, mask=mask, other=0.0)
+        ms = tl.load(ms_ptr + offs, mask=mask, other=0.0)
+        tl.store(dots_ptr + offs, rd + lam * ms, mask=mask)
+        align += rd
+        ent += ms
+    align_sum = tl.sum(align, axis=0) / B
+    entropy = tl.sum(ent, axis=0) / (V * B)
+    tl.store(align_ptr, align_sum)
+    tl.store(entropy_ptr, entropy)
+    tl.store(loss_ptr, -(align_sum / V + lam * entropy))
+
+
+@triton.jit
 def grad_online_kernel(
-    m_ptr, z_ptr, t_ptr, c_ptr, norms_ptr, scale_ptr, out_ptr, B, D, lam,
+    m_ptr, z_ptr, t_ptr, dots_ptr, norms_ptr, grad_loss_ptr, out_ptr, V, B, D, lam,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     v = tl.program_id(0)
@@ -157,9 +178,10 @@ def grad_online_kernel(
     offs = rows[:, None] * D + cols[None, :]
     w1, w2 = _view_weights(v)
     target = w1 * tl.load(t_ptr + offs, mask=mask, other=0.0) + w2 * tl.load(t_ptr + B * D + offs, mask=mask, other=0.0)
-    dz = tl.load(scale_ptr) * (target + lam * acc)
+    scale = -tl.load(grad_loss_ptr) / (V * B)
+    dz = scale * (target + lam * acc)
     z = tl.load(z_ptr + zbase + offs, mask=mask, other=0.0)
-    c = tl.load(c_ptr + v * B + rows, mask=rows < B, other=0.0)
+    c = scale * tl.load(dots_ptr + v * B + rows, mask=rows < B, other=0.0)
     n = tl.load(norms_ptr + v * B + rows, mask=rows < B, other=1.0)
     grad = (dz - z * c[:, None]) / n[:, None]
     tl.store(out_ptr + zbase + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)

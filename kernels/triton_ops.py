@@ -2,7 +2,8 @@
 
 Forward: normalize_align (1 launch), Gram (cuBLAS SGEMM), radix select (1 fill + 4
 launches), kernel matrix (1), the SPD inverse by a blocked sweep (B / 32 launches for
-B <= 512; cuSOLVER Cholesky and a B-wide triangular inverse above), operator (1).
+B <= 512; cuSOLVER Cholesky and a B-wide triangular inverse above), operator (1),
+finish (1).
 Backward: 1 launch. fp64 inputs take the inherited PyTorch steps, so tests can still
 compare at 1e-10.
 """
@@ -107,16 +108,28 @@ class TritonOps(TorchOps):
                                                                    BLOCK_M=tiles["rows"], BLOCK_N=tiles["cols"])
         return m, ms
 
+    def finish(
+        self, rowdot: torch.Tensor, ms: torch.Tensor, lam: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if ms.dtype != torch.float32:
+            return super().finish(rowdot, ms, lam)
+        views, b = ms.shape
+        loss, align, entropy = (torch.empty((), dtype=ms.dtype, device=ms.device) for _ in range(3))
+        dots = torch.empty_like(ms)
+        tk.finish_kernel[(1,)](rowdot, ms.contiguous(), dots, loss, align, entropy, views, b, lam,
+                               BLOCK=_tiles(ms)["radix"])
+        return loss, align, entropy, dots
+
     def grad_online(
-        self, m: torch.Tensor, z: torch.Tensor, t: torch.Tensor, c: torch.Tensor, norms: torch.Tensor,
-        scale: torch.Tensor, lam: float, out_dtype: torch.dtype,
+        self, m: torch.Tensor, z: torch.Tensor, t: torch.Tensor, dots: torch.Tensor, norms: torch.Tensor,
+        grad_loss: torch.Tensor, lam: float, out_dtype: torch.dtype,
     ) -> torch.Tensor:
         if z.dtype != torch.float32:
-            return super().grad_online(m, z, t, c, norms, scale, lam, out_dtype)
+            return super().grad_online(m, z, t, dots, norms, grad_loss, lam, out_dtype)
         views, b, d = z.shape
         tiles = _tiles(z)
         out = torch.empty(z.shape, dtype=out_dtype, device=z.device)
         grid = (views, triton.cdiv(b, tiles["gemm_m"]), triton.cdiv(d, tiles["gemm_n"]))
-        tk.grad_online_kernel[grid](m, z, t, c.contiguous(), norms, scale.reshape(1), out, b, d, lam,
+        tk.grad_online_kernel[grid](m, z, t, dots, norms, grad_loss.reshape(1), out, views, b, d, lam,
                                     BLOCK_M=tiles["gemm_m"], BLOCK_N=tiles["gemm_n"], BLOCK_K=tiles["gemm_k"])
         return out
