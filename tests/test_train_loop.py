@@ -169,3 +169,28 @@ def test_one_step_other_loaders(backend: str, tiny_train: Path) -> None:
     except UsageError as e:
         pytest.skip(f"{backend} loader unavailable here: {e}")
     assert math.isfinite(float(out["loss"])) and not out["skipped"]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run(tiny_train: Path, tmp_path: Path) -> None:
+    """Two ranks as torchrun would start them: DDP, agreed checkpoints, one loader state per rank."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mveb", "pretrain", "--config", "demo", "--data", str(tiny_train), "--out", str(run),
+           "--steps", "2", *TINY, "data.global_batch_size=8"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+             for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e for _, e in outs]
+    assert "step 2" in outs[0][0] and outs[1][0] == ""  # only rank 0 reports
+    assert [r["step"] for r in _metrics(run)] == [1, 2]
+    state = load_checkpoint(latest_checkpoint(run))
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    assert [s["loader"]["batches_done"] for s in state["ranks"]] == [2, 2]
+    assert state["config"]["data"]["batch_size"] == 4

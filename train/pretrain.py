@@ -58,7 +58,8 @@ def check_config(cfg: Config, world_size: int) -> None:
 
 
 def pretrain(cfg: Config) -> dict[str, Any]:
-    """Train; return {"step", "loss", "run_dir", "preempted", "skipped_steps"}."""
+    """Train; return {"step", "loss" (the last logged, mean over ranks), "run_dir", "preempted", "rank",
+    "skipped_steps", "resumed_from"}."""
     check_config(cfg, planned_world_size())
     dist = init_distributed(cfg.dist.backend, cfg.dist.timeout_minutes)
     try:
@@ -96,7 +97,7 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
     stop = min(cfg.schedule.steps or trainer.total_steps, trainer.total_steps)
     log = MetricsLog(run_dir, step, cfg.run.tensorboard) if dist.is_main else None
     bar = tqdm(total=stop, initial=step, unit="step", dynamic_ncols=True, disable=not (dist.is_main and cfg.run.progress))
-    last = None
+    last_loss = None
     saved_step = step
     last_save_time = time.monotonic()
     window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
@@ -115,15 +116,16 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
                 got_batch = True
                 window_wait += time.perf_counter() - t0
 
-                last = trainer.step(batch, step)
+                out = trainer.step(batch, step)
                 step += 1
                 window_steps += 1
                 bar.update(1)
 
                 if step % cfg.run.log_every_steps == 0 or step == stop:
                     now = time.perf_counter()
-                    record = _record(last, step, steps_per_epoch, trainer, dist,
+                    record = _record(out, step, steps_per_epoch, trainer, dist,
                                      window_steps / (now - window_start), window_wait / (now - window_start))
+                    last_loss = record["loss"]
                     if log is not None:
                         log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", samples_per_s=f"{record['samples_per_s']:.1f}")
@@ -149,8 +151,8 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
         log.close()
     if preempted and dist.is_main:
         sys.stderr.write(f"stopped at step {step} on a signal; checkpoint saved; rerun the same command to resume\n")
-    return {"step": step, "loss": float(last["loss"]) if last else None, "run_dir": str(run_dir),
-            "preempted": preempted, "skipped_steps": trainer.skipped_steps, "resumed_from": str(resumed_from or "")}
+    return {"step": step, "loss": last_loss, "run_dir": str(run_dir), "preempted": preempted, "rank": dist.rank,
+            "skipped_steps": trainer.skipped_steps, "resumed_from": str(resumed_from or "")}
 
 
 def _resume_state(cfg: Config, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:

@@ -71,7 +71,7 @@ class Trainer:
         self.online: Encoder = online  # type: ignore[assignment]
         # DDP broadcasts rank 0's weights on construction; the momentum copy is taken after.
         self.model = (DistributedDataParallel(online, device_ids=[self.device] if self.device.type == "cuda" else None,
-                                              broadcast_buffers=False, gradient_as_bucket_view=True)
+                                              gradient_as_bucket_view=True)
                       if dist.is_distributed else online)
         self.momentum = momentum_copy(self.online)
         o = cfg.optim
