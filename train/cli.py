@@ -94,6 +94,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
              "data.batch_size": args.batch_size, "data.loader": args.loader, "run.resume": args.resume}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
     summary = pretrain(get_config(args.config, overrides))
-    print(f"step {summary['step']}  loss {summary['loss']}  run {summary['run_dir']}"
-          + ("  (preempted: rerun to resume)" if summary["preempted"] else ""))
+    if summary["rank"] == 0:
+        print(f"step {summary['step']}  loss {summary['loss']}  run {summary['run_dir']}"
+              + ("  (preempted: rerun to resume)" if summary["preempted"] else ""))
     return 0
