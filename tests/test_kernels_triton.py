@@ -16,7 +16,7 @@ from test_kernels_math import LAM, literal_loss_and_grad, make_views, rel
 # (kind, V, B, D, input dtype): odd B, tiles that do not divide B or D, collapse (tau = 0.1)
 INTERPRETER_CASES = [
     ("random", 2, 5, 7, "float32"),
-    ("clustered", 3, 19, 20, "float32"),
+    ("clustered", 3, 17, 9, "float32"),
     ("collapsed", 2, 12, 16, "float32"),
     ("random", 2, 6, 8, "bfloat16"),
 ]
@@ -54,14 +54,14 @@ def _run_cases(out: Path) -> None:
 
 
 def _sweep_inputs() -> torch.Tensor:
-    """[3, 19, 19]: a kernel matrix, a near-collapse one, and an indefinite one (2 sweep steps of 16)."""
+    """[3, 17, 17]: a kernel matrix, a near-collapse one, and an indefinite one (2 sweep steps of 16)."""
     from kernels.torch_ops import TorchOps
 
-    online, _ = make_views("clustered", 1, 19, 8, seed=2, dtype=torch.float32)
-    collapsed, _ = make_views("collapsed", 1, 19, 8, seed=2, dtype=torch.float32)
+    online, _ = make_views("clustered", 1, 17, 8, seed=2, dtype=torch.float32)
+    collapsed, _ = make_views("collapsed", 1, 17, 8, seed=2, dtype=torch.float32)
     x = torch.nn.functional.normalize(torch.cat([online, collapsed]).detach(), dim=-1)
     a, _, _ = TorchOps().kernel_matrix(x @ x.transpose(1, 2), 0.01, 0.1)
-    return torch.cat([a, (torch.ones(19, 19) - 0.5 * torch.eye(19))[None]])
+    return torch.cat([a, (torch.ones(17, 17) - 0.5 * torch.eye(17))[None]])
 
 
 @pytest.fixture(scope="module")
