@@ -165,7 +165,14 @@ class DALIMultiCropLoader:
         # On a GPU, outputs come ordered on torch's stream: the copies below wait for DALI's
         # work there, and DALI frees the buffers only after them, without a host sync.
         stream = self._stream()
-        return pipe.run() if stream is None else pipe.run(stream)
+        try:
+            return pipe.run() if stream is None else pipe.run(stream)
+        except RuntimeError as e:
+            if "decoders.image" not in str(e):
+                raise
+            # DALI names neither the file nor a way to skip it, and its pipeline is dead now.
+            raise UsageError("DALI met an image it cannot decode (a file broke or changed after validation); "
+                             "run `mveb validate --src DIR` again, then resume the run") from None
 
     def _skip_rest_of_epoch(self, pipe: Pipeline) -> None:
         # The reader's epoch is ceil(shard / B) batches; run what this epoch did not yield,

@@ -214,6 +214,15 @@ def test_broken_files_are_left_out_and_reported(photo_train: Path, tmp_path: Pat
     assert len(_epoch(loader)) == len(loader) == (len(good) - 1) // 8
 
 
+def test_a_file_broken_after_validation_is_a_clear_error(indexed: list[tuple[str, int]], tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(Path(indexed[0][0]).read_bytes()[:300])
+    loader = DALIMultiCropLoader(indexed[1:8] + [(str(broken), 0)], TINY, 4)
+    with pytest.raises(UsageError, match="run `mveb validate"):
+        for _ in range(3):
+            _epoch(loader)
+
+
 def test_validation_report_spares_the_decode_while_it_matches_the_folder(photo_train: Path, tmp_path: Path) -> None:
     root = tmp_path / "data"
     shutil.copytree(photo_train / "china", root / "china")
