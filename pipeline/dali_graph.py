@@ -22,7 +22,9 @@ as one linear colour transform in a fixed order, clamping once, where torchvisio
 the four ops in a random order and clamps after each. DALI's contrast pivots around
 mid-grey (128) instead of the image's mean grey, and its hue rotation is the linear YIQ
 approximation instead of an exact HSV round trip. Interpolation is DALI's antialiased
-cubic resampling (PIL's bicubic in the reference), and DALI draws its own crop windows.
+cubic resampling (PIL's bicubic in the reference), DALI draws its own crop windows, and
+its blur is a true Gaussian (window 2 ceil(3 sigma) + 1) where PIL's GaussianBlur(radius=
+sigma) approximates one with box filters.
 """
 
 from __future__ import annotations
