@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="write at most this many images")
     p.add_argument("--classes", default=None, help="file with one class folder name per line (fixes label order)")
     p.add_argument("--timeout", type=float, default=None,
-                   help="kill the writer after this many seconds (default: ~20x the expected time)")
+                   help="kill a hung writer after this many seconds (default: 300 + 0.25 per image per worker)")
     p.set_defaults(func=_shards)
 
 
