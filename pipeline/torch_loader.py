@@ -235,7 +235,7 @@ class TorchMultiCropLoader:
         collate = partial(_collate, n_global=r.n_global, n_local=r.n_local, local_size=r.local_size)
         workers = min(self.workers, len(keys))
         loader = DataLoader(self._dataset, batch_sampler=keys, num_workers=workers, collate_fn=collate,
-                            pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None)
+                            pin_memory=self.device.type == "cuda")
         for g, loc, labels in loader:
             self.batches_done += 1
             yield MultiCropBatch(self._finish(g), self._finish(loc), labels.to(self.device, non_blocking=True))
