@@ -8,6 +8,7 @@ one Cholesky, one retry policy and one closed-form backward.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import torch
@@ -25,12 +26,14 @@ def ieee_fp32_matmul() -> Iterator[None]:
         matmul.fp32_precision = before
 
 
+@functools.lru_cache(maxsize=64)
 def view_weights(views: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[V, 2] weights of (t_1, t_2) in each view's alignment target: (0,1), (1,0), (1/2,1/2)..."""
-    w = torch.full((views, 2), 0.5, dtype=dtype, device=device)
+    """[V, 2] weights of (t_1, t_2) in each view's alignment target: (0,1), (1,0), (1/2,1/2)...
+    Cached: building it is a host-to-device copy."""
+    w = torch.full((views, 2), 0.5, dtype=dtype)
     w[0] = torch.tensor([0.0, 1.0])
     w[1] = torch.tensor([1.0, 0.0])
-    return w
+    return w.to(device)
 
 
 class TorchOps:
