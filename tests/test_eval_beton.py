@@ -25,6 +25,10 @@ def test_shard_features_match_folder_features(photo_root: Path, tmp_path: Path) 
     # Same centre crop of the same photos; the shard's JPEG re-encode and resizer differ slightly.
     similarity = (from_shard.feats * from_folder.feats).sum(dim=1)
     assert similarity.mean() > 0.95 and similarity.min() > 0.8
+    # The compiled loader is reused for a second pass (a monitor's next call): same order, same pixels.
+    assert open_images(beton, 48, 32, workers=1) is open_images(beton, 48, 32, workers=1)
+    again = extract_features(backbone, beton, 48, 32, cpu, workers=1)
+    assert torch.equal(again.labels, from_shard.labels) and torch.allclose(again.feats, from_shard.feats)
 
 
 def test_a_broken_shard_is_a_usage_error(tmp_path: Path) -> None:

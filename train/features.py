@@ -208,7 +208,7 @@ def open_images(source: str | Path, image_size: int, batch_size: int, augment: b
     if path.is_file():
         if path.suffix != ".beton":
             raise UsageError(f"{source} is a file but not a .beton shard (pass an ImageFolder or a .beton)")
-        return _open_beton(path, image_size, batch_size, augment, workers, seed)
+        return _cached_beton(path, image_size, batch_size, augment, workers, seed)
     classes, samples = list_image_folder(path)
     dataset = _Folder(samples, image_transform(image_size, augment), image_size)
     loader = torch.utils.data.DataLoader(
@@ -248,6 +248,22 @@ def _open_beton(path: Path, image_size: int, batch_size: int, augment: bool, wor
     label_first = reader.field_names.index(label_name) < reader.field_names.index(image_name)
     return LabelledImages(path, loader, int(reader.num_samples), int(all_labels.max()) + 1, None,
                           label_first=label_first)
+
+
+# A .beton loader is kept for the life of the process and reused (each pass is a new epoch):
+# compiling one costs 10-30 s, which a periodic kNN monitor would pay every time, and a
+# collected loader runs numba finalizers that trip over the overloads the next loader
+# shares ("Exception ignored ... KeyError" on stderr).
+_BETON_CACHE: dict[tuple, LabelledImages] = {}
+
+
+def _cached_beton(path: Path, image_size: int, batch_size: int, augment: bool, workers: int,
+                  seed: int) -> LabelledImages:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, image_size, batch_size, augment, workers, seed)
+    if key not in _BETON_CACHE:
+        _BETON_CACHE[key] = _open_beton(path, image_size, batch_size, augment, workers, seed)
+    return _BETON_CACHE[key]
 
 
 # ---------------------------------------------------------------- features
