@@ -18,12 +18,14 @@ import torch
 def ieee_fp32_matmul() -> Iterator[None]:
     """fp32 GEMMs with IEEE products inside: exp(S / tau) amplifies a TF32 error in S by 1 / tau."""
     matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "ieee"
+    # fp32_precision is the current API; torch before 2.9 only has allow_tf32.
+    flag, ieee = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
+    before = getattr(matmul, flag)
+    setattr(matmul, flag, ieee)
     try:
         yield
     finally:
-        matmul.fp32_precision = before
+        setattr(matmul, flag, before)
 
 
 @functools.lru_cache(maxsize=64)
