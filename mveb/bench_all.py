@@ -64,8 +64,9 @@ def bench_all(device: str, data: str | None, out: Path) -> dict[str, Any]:
     if data is None:
         from pipeline.demo_photos import build_photo_folder
 
-        # ImageNet-like JPEG sizes (about 500 px), so decode cost is representative.
-        data = str(build_photo_folder(out / "photos", per_class_train=40 if gpu else 8, per_class_val=1,
+        # ImageNet-like JPEG sizes (about 500 px), so decode cost is representative, and enough
+        # images for several batches per epoch, so epoch boundaries do not dominate.
+        data = str(build_photo_folder(out / "photos", per_class_train=256 if gpu else 8, per_class_val=1,
                                       side=500) / "train")
     results: dict[str, Any] = {"machine": machine(), "device": str(dev)}
     loader_b, step_b = (256, 256) if gpu else (32, 8)

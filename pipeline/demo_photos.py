@@ -9,6 +9,8 @@ crops measures whether a backbone recognises a scene from a part of it.
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +66,17 @@ def _random_crop(img: Image.Image, rng: np.random.Generator, out_side: int) -> I
     return crop.resize((max(1, round(cw * scale)), max(1, round(ch * scale))), Image.BICUBIC)
 
 
+def _write_class(out: Path, ci: int, cls: str, package: str, name: str, per_class_train: int, per_class_val: int,
+                 side: int, seed: int) -> None:
+    img = load_photo(package, name)
+    for split, n, offset in (("train", per_class_train, 0), ("val", per_class_val, 1)):
+        rng = np.random.default_rng([seed, ci, offset])
+        d = out / split / cls
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            _random_crop(img, rng, side).save(d / f"{cls}_{i:04d}.jpg", quality=90)
+
+
 def build_photo_folder(out: str | Path, per_class_train: int = 24, per_class_val: int = 8,
                        side: int = 160, seed: int = 0, classes: int | None = None) -> Path:
     """Write out/train/<class>/*.jpg and out/val/<class>/*.jpg; return out. Idempotent."""
@@ -74,13 +87,9 @@ def build_photo_folder(out: str | Path, per_class_train: int = 24, per_class_val
     marker = out / "photos.json"
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return out
-    for ci, (cls, package, name) in enumerate(photos):
-        img = load_photo(package, name)
-        for split, n, offset in (("train", per_class_train, 0), ("val", per_class_val, 1)):
-            rng = np.random.default_rng([seed, ci, offset])
-            d = out / split / cls
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                _random_crop(img, rng, side).save(d / f"{cls}_{i:04d}.jpg", quality=90)
+    jobs = [(out, ci, cls, package, name, per_class_train, per_class_val, side, seed)
+            for ci, (cls, package, name) in enumerate(photos)]
+    with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
+        list(pool.map(_write_class, *zip(*jobs)))
     marker.write_text(json.dumps(spec))
     return out
