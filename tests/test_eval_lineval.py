@@ -38,3 +38,13 @@ def test_mveb_lineval_one_augmented_epoch(photo_root: Path, tmp_path: Path,
     assert r["epochs"] == 1 and r["precompute"] is False and math.isfinite(r["train_loss"])
     assert 0.0 <= r["top1"] <= r["top5"] <= 100.0
     assert "linear eval 1 epochs, augmented" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precompute", [True, False])
+def test_lineval_on_cuda(photo_root: Path, precompute: bool) -> None:
+    r = linear_eval(load_backbone(None, "resnet50"), str(photo_root / "train"), str(photo_root / "val"),
+                    image_size=96, batch_size=64, epochs=10, lr=0.5, device="cuda", precompute=precompute, workers=4)
+    assert math.isfinite(r["train_loss"]) and 0.0 <= r["top1"] <= r["top5"] <= 100.0
+    if precompute:
+        assert r["top1"] > 25.0  # chance is 8.3%

@@ -42,6 +42,7 @@ def knn_eval(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, val_l
     if len(train_feats) == 0 or len(val_feats) == 0:
         raise ValueError("kNN needs at least one training and one validation feature")
     num_classes = int(train_labels.max()) + 1 if num_classes is None else num_classes
+    train_labels = train_labels.to(train_feats.device)
     top = min(5, num_classes)
     hits1 = hits5 = 0
     for start in range(0, len(val_feats), chunk):
