@@ -42,9 +42,9 @@ def mveb_loss(
         views first; gradients flow back to them.
     targets: 2 tensors [B, D] (or one [2, B, D]) of raw momentum projections of the two
         global views; treated as constants (no gradient).
-    impl: "auto" (Triton on CUDA, torch elsewhere), "triton", "torch", "reference" (the
-        plain matrix form with autograd) or "reference-literal" (the official B x B x D
-        form; O(B^2 D) memory, for tests and benchmarks).
+    impl: "auto" (Triton on CUDA when triton imports, torch elsewhere), "triton", "torch",
+        "reference" (the plain matrix form with autograd) or "reference-literal" (the
+        official B x B x D form; O(B^2 D) memory, for tests and benchmarks).
     Inputs may be fp32, bf16 or fp16 (computed in fp32, IEEE products, autocast off inside)
     or fp64 (fp64 end to end). The returned loss is a 0-d tensor in that compute dtype.
     return_parts: also return {"align": 0-d, "entropy": 0-d mean over views, "tau": [V]}
@@ -115,8 +115,12 @@ def _ops(impl: str, x: torch.Tensor) -> TorchOps:
         return TorchOps()
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("mveb_loss: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
-    from kernels.triton_ops import TritonOps
-
+    try:
+        from kernels.triton_ops import TritonOps
+    except ImportError as e:
+        if impl == "auto":
+            return TorchOps()
+        raise ValueError(f"mveb_loss: impl='triton' needs the triton package ({e}); use impl='torch'") from e
     return TritonOps()
 
 
