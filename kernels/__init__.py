@@ -50,8 +50,9 @@ def mveb_loss(
     return_parts: also return {"align": 0-d, "entropy": 0-d mean over views, "tau": [V]}
         ("tau" not from the reference impls), detached tensors for logging (call .item()
         when you log: it syncs the GPU).
-    A non-finite input gives a NaN loss. The fp32 Cholesky of a view that fails is redone
-    in fp64; checking for that costs one device-to-host sync per call.
+    A non-finite input gives a NaN loss (the reference impls raise torch.linalg.LinAlgError).
+    A view whose fp32 inversion of K + eta I fails (Cholesky, or the Triton sweep's residual
+    check) is redone in fp64; checking for that costs one device-to-host sync per call.
     """
     online_t = _stack(online, "online")
     targets_t = _stack(targets, "targets")
