@@ -4,14 +4,16 @@ One image is one sample with all its views. Per backend, in this order and apart
 setup (the FFCV shard, built or found in the cache), compile (construction to the first
 batch: worker start, numba JIT, DALI pipeline build), a short warm-up that drains what the
 workers prefetched while we waited, then `seconds` of timed batches, crossing epochs as
-needed. A backend that is not installed, or fails, is reported with the reason and the
-others still run.
+needed. Images per CPU-second (this process and its workers) are reported beside images/s:
+on a busy shared machine they still compare backends fairly. A backend that is not
+installed, or fails, is reported with the reason and the others still run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 import traceback
 from pathlib import Path
@@ -25,6 +27,37 @@ from .images import usable_cpus
 from .loaders import BACKENDS, build_loader, check_data, loader_class
 from .recipe import DEFAULT_RECIPE, MultiCropRecipe
 from .validate import write_atomic
+
+
+def tree_cpu_s() -> float | None:
+    """CPU seconds used so far by this process, its live descendants (loader workers) and
+    its reaped children; None where /proc is missing. Divided into the images of a timed
+    window it gives images per CPU-second, which a shared, busy machine does not distort."""
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        procs: dict[int, tuple[int, float]] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue  # exited while we looked
+            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, ..., utime (11), stime (12)
+            procs[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    except (OSError, ValueError, AttributeError):
+        return None
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        total += procs.get(pid, (0, 0.0))[1]
+        todo += children.get(pid, [])
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return total + reaped.ru_utime + reaped.ru_stime
 
 
 def _sync(device: torch.device) -> None:
@@ -72,18 +105,21 @@ def bench_backend(backend: str, data: str, recipe: MultiCropRecipe, batch_size: 
         while time.perf_counter() - t < warmup_s:
             next_batch()
         _sync(device)
-        n, t = 0, time.perf_counter()
+        n, t, cpu = 0, time.perf_counter(), tree_cpu_s()
         while time.perf_counter() - t < seconds:
             next_batch()
             n += 1
         _sync(device)
         elapsed = time.perf_counter() - t
+        cpu_end = tree_cpu_s()
     except UsageError as e:  # e.g. a .beton given to a backend that reads folders
         return {**row, "skipped": str(e)}
     except Exception as e:  # noqa: BLE001 - one broken backend must not hide the others' numbers
         traceback.print_exc()
         return {**row, "error": f"{type(e).__name__}: {e}"}
     images = n * batch_size
+    if cpu is not None and cpu_end is not None and cpu_end > cpu:
+        row.update(cpu_s=round(cpu_end - cpu, 2), images_per_cpu_s=round(images / (cpu_end - cpu), 2))
     return {**row, "images_per_s": round(images / elapsed, 2), "views_per_s": round(images * recipe.n_views / elapsed, 1),
             "batches": n, "images": images, "timed_s": round(elapsed, 3), "warmup_s": warmup_s}
 
@@ -113,13 +149,15 @@ def bench_loaders(data: str | Path, backends: list[str], batch_size: int = 64, w
 def format_table(report: dict[str, Any]) -> str:
     lines = [f"loader benchmark: {report['views']} views, batch {report['batch_size']}, {report['workers']} workers, "
              f"device {report['device']}",
-             f"{'backend':8} {'images/s':>9} {'views/s':>9} {'compile s':>10} {'setup s':>8}  note"]
+             f"{'backend':8} {'images/s':>9} {'views/s':>9} {'img/CPU-s':>10} {'compile s':>10} {'setup s':>8}  note"]
     for r in report["results"]:
         if "images_per_s" in r:
-            lines.append(f"{r['backend']:8} {r['images_per_s']:9.1f} {r['views_per_s']:9.0f} {r['compile_s']:10.1f} "
-                         f"{r['setup_s']:8.1f}")
+            per_cpu = f"{r['images_per_cpu_s']:10.1f}" if "images_per_cpu_s" in r else f"{'-':>10}"
+            lines.append(f"{r['backend']:8} {r['images_per_s']:9.1f} {r['views_per_s']:9.0f} {per_cpu} "
+                         f"{r['compile_s']:10.1f} {r['setup_s']:8.1f}")
         else:
-            lines.append(f"{r['backend']:8} {'-':>9} {'-':>9} {'-':>10} {'-':>8}  {r.get('skipped') or r.get('error')}")
+            lines.append(f"{r['backend']:8} {'-':>9} {'-':>9} {'-':>10} {'-':>10} {'-':>8}  "
+                         f"{r.get('skipped') or r.get('error')}")
     return "\n".join(lines)
 
 
