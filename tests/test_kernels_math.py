@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from kernels import entropy_score, mveb_loss
 from kernels.loss import MvebLossFunction, score_operator
-from kernels.reference import entropy_score_literal, median_tau, mveb_loss_literal, view_targets
+from kernels.reference import entropy_score_literal, median_tau, mveb_loss_literal, mveb_loss_reference, view_targets
 from kernels.torch_ops import TorchOps
 
 LAM, ETA, MIN_TAU = 0.01, 0.01, 0.1
@@ -97,8 +97,8 @@ def test_loss_gradient_differs_from_k_x_form() -> None:
         return -torch.linalg.solve(k + eta * torch.eye(len(x), dtype=x.dtype), k @ x / tau)
 
     o = online.detach().requires_grad_()
-    wrong_loss, _, _ = __import__("kernels.reference", fromlist=["x"]).mveb_loss_reference(
-        list(o), list(targets), LAM, ETA, MIN_TAU, score_fn=lambda x, e, m: wrong_score(x.detach(), e, m))
+    wrong_loss, _, _ = mveb_loss_reference(list(o), list(targets), LAM, ETA, MIN_TAU,
+                                           score_fn=lambda x, e, m: wrong_score(x.detach(), e, m))
     (wrong_grad,) = torch.autograd.grad(wrong_loss, o)
     _, grad = loss_and_grad(online, targets, "torch")
     _, want = literal_loss_and_grad(online, targets)
