@@ -10,8 +10,9 @@ Preemption and time limits, step by step:
 2. While training, the trainer's handler catches it; all ranks agree at the step boundary,
    save one atomic checkpoint and `pretrain` returns with `preempted=True`.
 3. Global rank 0 then hands the signal to submitit's own handler (saved before training),
-   which calls `TrainJob.checkpoint()` and runs `scontrol requeue`. A signal that arrives
-   outside the training loop goes straight to that handler.
+   which calls `TrainJob.checkpoint()` and runs `scontrol requeue`, unless SLURM is already
+   ending the job (plain `scancel`: the checkpoint is kept, the job stays cancelled). A
+   signal that arrives outside the training loop goes straight to that handler.
 4. The requeued job runs `TrainJob` again with the same run folder; `pretrain` resumes
    from the newest checkpoint there. Progress lost is at most the last partial step.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from typing import Any
 
@@ -38,6 +40,20 @@ def rendezvous_from_submitit() -> dict[str, str]:
             "MASTER_ADDR": env.hostnames[0], "MASTER_PORT": str(20000 + int(env.job_id.split("_")[0]) % 20000)}
 
 
+def _slurm_keeps_running() -> bool:
+    """Whether SLURM still counts this job as running, i.e. the stop came from a warning signal.
+
+    `scancel`, a hard time limit or a preemption that SLURM requeues itself send SIGTERM and
+    move the job to COMPLETING; the trainer stops the same way, but requeueing then would
+    undo a user's cancel. Under submitit's LocalExecutor there is no SLURM job to ask.
+    """
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if job_id is None:
+        return True
+    state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    return state.stdout.strip() == "RUNNING"
+
+
 class TrainJob(submitit.helpers.Checkpointable):
     """`pretrain(cfg)` on every task; requeued with the same run folder when interrupted."""
 
@@ -51,7 +67,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         os.environ.update(rendezvous_from_submitit())
         requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
         result = pretrain(Config.from_dict(self.config))
-        if result.get("preempted") and os.environ["RANK"] == "0" and callable(requeue):
+        if result.get("preempted") and os.environ["RANK"] == "0" and callable(requeue) and _slurm_keeps_running():
             sys.stderr.write(f"checkpoint saved at step {result['step']}; requeueing\n")
             requeue(signal.SIGUSR2, None)  # calls self.checkpoint(), scontrol requeue, exits
         return result

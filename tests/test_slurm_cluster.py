@@ -1,6 +1,6 @@
 """slurm/launch.py on the real local cluster (slurm/cluster/up.sh): the demo config trained by
-2 nodes x 2 CPU tasks over gloo, a run interrupted by a signal that requeues and resumes, and
-a shard build as a CPU job.
+2 nodes x 2 CPU tasks over gloo, a run that a signal requeues and that resumes from its
+checkpoint (and that a plain scancel then stops for good), and a shard build as a CPU job.
 
 The three jobs are submitted together (the cluster runs them side by side) and each test
 waits for its own: most of a job's time here is Python start-up, which overlaps well.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -18,12 +19,13 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from slurm.launch import main
+from train.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint
 
 pytestmark = pytest.mark.slurm
 
 # The demo preset, shrunk so that a step takes a second or two on 2 shared cores.
 TINY = ["data.batch_size=4", "data.workers=0", "data.n_local=0", "run.progress=false", "run.tensorboard=false"]
-REQUEUE_STEPS = 8
+REQUEUE_STEPS = 200  # never reached: the test stops the run
 TIMEOUT_S = 240
 
 
@@ -77,33 +79,42 @@ def _results(folder: Path, job_id: str, tasks: int) -> list[dict[str, Any]]:
     return results
 
 
+def _load(checkpoint: Path | None) -> dict[str, Any]:
+    assert checkpoint is not None, "no checkpoint written"
+    return load_checkpoint(checkpoint)
+
+
 def _metrics(run: Path) -> list[dict[str, Any]]:
     path = run / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.mark.slow
-def test_signal_requeues_and_resumes_from_the_checkpoint(jobs: dict[str, tuple[Path, str]]) -> None:
+def test_usr2_requeues_and_resumes_then_scancel_stops_for_good(jobs: dict[str, tuple[Path, str]]) -> None:
     folder, job_id = jobs["requeue"]
     run = folder.parent
+    log = folder / f"{job_id}_0_log.err"
     _wait("step 2", lambda: len(_metrics(run)) >= 2, folder, job_id)
     # What SLURM sends before a time limit (submitit's job._interrupt() sends SIGTERM then this).
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    rank0, rank1 = _results(folder, job_id, tasks=2)
+    _wait("the requeued job resuming", lambda: "resuming from" in log.read_text(), folder, job_id)
+    text = log.read_text()
+    stop_step = int(re.search(r"checkpoint saved at step (\d+); requeueing", text)[1])
+    assert stop_step >= 2, "interrupted mid-run"
+    first, resume_step = re.search(r"resuming from (\S+) \(step (\d+)\)", text).groups()
+    assert int(resume_step) == stop_step, "resumed where it stopped, not from step 0"
+    assert Path(first).parent == checkpoint_dir(run)
 
-    assert rank0["step"] == rank1["step"] == REQUEUE_STEPS
-    assert not rank0["preempted"]
-    resumed = Path(rank0["resumed_from"])
-    assert resumed.parent.parent == run, "resumed from a checkpoint in the same run folder"
-    log = (folder / f"{job_id}_0_log.err").read_text()
-    stopped = [line for line in log.splitlines() if "requeueing" in line]
-    assert len(stopped) == 1, log
-    stop_step = int(stopped[0].split("at step ")[1].split(";")[0])
-    assert 2 <= stop_step < REQUEUE_STEPS, "interrupted mid-run"
-    assert f"resuming from {resumed} (step {stop_step})" in log, "resumed where it stopped, not from step 0"
+    _wait("a step after the resume", lambda: len(_metrics(run)) > stop_step, folder, job_id)
+    subprocess.run(["scancel", job_id], check=True)  # a user's cancel: save, and stay cancelled
+    rank0, rank1 = _results(folder, job_id, tasks=2)
+    assert rank0["preempted"] and rank1["preempted"]
+    assert stop_step < rank0["step"] == rank1["step"] < REQUEUE_STEPS
+    assert rank0["resumed_from"] == first
+    assert _load(latest_checkpoint(run))["step"] == rank0["step"], "scancel saved where it stopped"
     starts = (folder / f"{job_id}_0_log.out").read_text().count("Starting with JobEnvironment")
-    assert starts == 2, "one requeue: the original run and the resumed one"
-    assert [m["step"] for m in _metrics(run)] == list(range(1, REQUEUE_STEPS + 1))
+    assert starts == 2, "requeued once after USR2, not after scancel"
+    assert [m["step"] for m in _metrics(run)] == list(range(1, rank0["step"] + 1))
 
 
 @pytest.mark.slow
@@ -112,13 +123,13 @@ def test_two_nodes_two_tasks_train_the_demo_config(jobs: dict[str, tuple[Path, s
     run = folder.parent
     results = _results(folder, job_id, tasks=4)
 
-    assert [r["step"] for r in results] == [2, 2, 2, 2]
-    assert len({r["loss"] for r in results}) == 4, "each rank trains on its own shard of the data"
-    # Every rank's loss enters the logged loss, the mean over the world (all-reduced).
+    assert [(r["rank"], r["step"]) for r in results] == [(0, 2), (1, 2), (2, 2), (3, 2)]
+    # Each rank returns the loss all-reduced over the world, the one rank 0 logged.
     logged = _metrics(run)[-1]
-    assert logged["step"] == 2
-    assert logged["loss"] == pytest.approx(sum(r["loss"] for r in results) / 4, rel=1e-5)
-    assert logged["samples_per_s"] > 0
+    assert logged["step"] == 2 and logged["samples_per_s"] > 0
+    assert [r["loss"] for r in results] == [pytest.approx(logged["loss"], rel=1e-6)] * 4
+    checkpoint = _load(latest_checkpoint(run))
+    assert checkpoint["step"] == 2 and checkpoint["world_size"] == 4 and len(checkpoint["ranks"]) == 4
     config = json.loads((run / "config.json").read_text())
     assert config["data"]["batch_size"] == 4 and config["run"]["out"] == str(run)
     launch = json.loads((run / "launch.json").read_text())
