@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--image-size", type=int, default=224, help="centre crop side (resize to size / 0.875 first)")
         p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-        p.add_argument("--workers", type=int, default=None, help="decoding processes; unset: min(8, CPUs)")
+        p.add_argument("--workers", type=int, default=None, help="decoding processes; unset: min(8, CPUs allotted)")
         p.add_argument("--json", default=None, help="write the result as JSON here ('-' for stdout)")
         if name == "knn":
             p.add_argument("--k", type=int, default=200, help="neighbours (clipped to the memory bank size)")

@@ -22,7 +22,7 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from mveb.errors import UsageError
-from pipeline.images import list_image_folder, open_rgb
+from pipeline.images import list_image_folder, open_rgb, usable_cpus
 from pipeline.recipe import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.shards import check_beton
 from train.checkpoint import load_checkpoint, load_latest
@@ -195,7 +195,7 @@ def image_transform(size: int, augment: bool) -> T.Compose:
 
 
 def default_workers() -> int:
-    return min(8, os.cpu_count() or 1)
+    return min(8, usable_cpus())
 
 
 def open_images(source: str | Path, image_size: int, batch_size: int, augment: bool = False,
