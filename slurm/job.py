@@ -32,12 +32,16 @@ def rendezvous_from_submitit() -> dict[str, str]:
     """torch.distributed's env:// variables for this task, from submitit's job environment.
 
     submitit knows the task layout under SLURM and under its LocalExecutor alike, so the
-    trainer sees the torchrun-style variables in both. Every task of a job derives the same
-    port from the job id; jobs sharing a node get different ones.
+    trainer sees the torchrun-style variables in both.
     """
+    from train.distributed import rendezvous_env
+
     env = submitit.JobEnvironment()
+    master = {"MASTER_ADDR": env.hostnames[0]}
+    # The trainer's port rule, fed the job id of either executor (SLURM's, or the local controller's pid).
+    master.update(rendezvous_env({**master, "SLURM_JOB_ID": env.job_id.split("_")[0]}))
     return {"RANK": str(env.global_rank), "WORLD_SIZE": str(env.num_tasks), "LOCAL_RANK": str(env.local_rank),
-            "MASTER_ADDR": env.hostnames[0], "MASTER_PORT": str(20000 + int(env.job_id.split("_")[0]) % 20000)}
+            **master}
 
 
 def _slurm_keeps_running() -> bool:

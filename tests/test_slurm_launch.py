@@ -124,3 +124,14 @@ def test_local_gpu_run_trains_on_cuda(tmp_path: Path, photo_train: Path, capsys:
     assert (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())
     log = next((run / "submitit").glob("*_0_log.out")).read_text()
     assert "Job completed successfully" in log
+
+
+def test_rendezvous_from_a_slurm_task_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from slurm.job import rendezvous_from_submitit
+
+    for name, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "1234", "SLURM_NTASKS": "16",
+                        "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_PROCID": "11", "SLURM_LOCALID": "3",
+                        "SLURM_JOB_NODELIST": "gpu[07-08]"}.items():
+        monkeypatch.setenv(name, value)
+    assert rendezvous_from_submitit() == {"RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3",
+                                          "MASTER_ADDR": "gpu07", "MASTER_PORT": "21234"}
