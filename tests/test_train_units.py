@@ -231,6 +231,8 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path: Path) -> None:
     assert not (ckpt_dir / "step_00000002.pt").exists()
     path, state = load_latest(tmp_path)
     assert path.name == "step_00000001.pt" and state["step"] == 1
+    save_checkpoint(tmp_path, {"step": 3}, 3)  # the next save clears the dead writer's temporary file
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["step_00000001.pt", "step_00000003.pt"]
 
 
 # ---- phase timer

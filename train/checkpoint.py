@@ -58,6 +58,9 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], step: int) -> Pa
     _fsync_dir(d)
     for old in checkpoints(run_dir)[:-KEEP]:
         old.unlink(missing_ok=True)
+    # Temporary files of writers killed mid-save (rank 0 is the only writer of a run).
+    for stale in d.glob(".step_*.tmp"):
+        stale.unlink(missing_ok=True)
     return final
 
 

@@ -98,7 +98,6 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
     log = MetricsLog(run_dir, step, cfg.run.tensorboard) if dist.is_main else None
     bar = tqdm(total=stop, initial=step, unit="step", dynamic_ncols=True, disable=not (dist.is_main and cfg.run.progress))
     last_loss = None
-    saved_step = step
     last_save_time = time.monotonic()
     window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
     with PreemptionFlag() as preemption:
@@ -136,7 +135,7 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
                 preempted, due = _agree(dist, preemption.requested, due)
                 if due or preempted or step == stop:
                     _save(run_dir, trainer, loader, step, steps_per_epoch, cfg, dist)
-                    saved_step, last_save_time = step, time.monotonic()
+                    last_save_time = time.monotonic()
                 if preempted:
                     break
             close = getattr(batches, "close", None)
@@ -144,8 +143,6 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
                 close()  # leaves the loader's position at the last batch handed out
             if not got_batch and step < stop and not preempted:
                 raise RuntimeError(f"the {cfg.data.loader} loader yielded no batch for epoch {step // steps_per_epoch}")
-    if saved_step != step:
-        _save(run_dir, trainer, loader, step, steps_per_epoch, cfg, dist)
     bar.close()
     if log is not None:
         log.close()
