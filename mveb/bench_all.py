@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from mveb.bench_step import format_table as step_table
-from mveb.bench_step import resolve_device
+from mveb.devices import resolve_device
 
 
 def _run(argv: list[str]) -> None:

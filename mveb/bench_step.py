@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
+from mveb.devices import resolve_device
 from mveb.errors import UsageError
 from pipeline.batch import MultiCropBatch
 from train.config import Config, get_config
@@ -52,16 +53,6 @@ class PerParameterLARS(torch.optim.Optimizer):
                 buf = self.state[p].setdefault("mu", torch.zeros_like(p))
                 buf.mul_(g["momentum"]).add_(dp)
                 p.add_(buf, alpha=-g["lr"])
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda but CUDA is not available here; use --device cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise UsageError(f"--device {name!r}; use cuda, cpu or auto")
-    return torch.device(name)
 
 
 def synthetic_batch(cfg: Config, device: torch.device, dtype: torch.dtype) -> MultiCropBatch:

@@ -13,7 +13,6 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,14 +52,10 @@ class Stages:
 
 
 def _knn(source: str | None, arch: str, image_size: int, photos: Path) -> dict:
-    from train.features import extract_features, load_backbone
-    from train.knn import knn_eval
+    from train.features import load_backbone
+    from train.knn import backbone_knn
 
-    backbone = load_backbone(source, arch)
-    device = torch.device("cpu")
-    train = extract_features(backbone, photos / "train", image_size, 64, device)
-    val = extract_features(backbone, photos / "val", image_size, 64, device)
-    return knn_eval(train.feats, train.labels, val.feats, val.labels, num_classes=train.num_classes)
+    return backbone_knn(load_backbone(source, arch), photos / "train", photos / "val", image_size, 64, "cpu")
 
 
 def _pretrain(data: Path, run_dir: Path, minutes: float, loader: str) -> dict:

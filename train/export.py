@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from train.features import load_backbone, written_atomically
+from mveb.files import written_atomically
+from train.features import load_backbone
 
 
 def export_backbone(run: str | Path, out: str | Path, arch: str | None = None) -> Path:

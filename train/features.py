@@ -9,7 +9,6 @@ the device: a uint8 batch is a quarter of the bytes to move.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,18 +30,6 @@ from train.model import build_backbone
 DEFAULT_ARCH = "resnet50"
 # The standard evaluation crop: resize the shorter side to size / 0.875, take the centre square.
 CENTER_CROP_RATIO = 224 / 256
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {name} requested but CUDA is not available here (use --device cpu)")
-    return device
 
 
 def check_eval_options(image_size: int, batch_size: int, workers: int | None) -> None:
@@ -331,16 +318,3 @@ def check_same_classes(train_classes: list[str] | None, train_num_classes: int, 
     if int(val.labels.max()) >= train_num_classes:
         raise UsageError(f"{val_path} has labels up to {int(val.labels.max())} but {train_path} only "
                          f"{train_num_classes} classes")
-
-
-@contextlib.contextmanager
-def written_atomically(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary name beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

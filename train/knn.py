@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from mveb.errors import UsageError
-from train.features import (check_eval_options, check_same_classes, extract_features, load_backbone, resolve_device,
-                            written_atomically)
+from mveb.devices import resolve_device
+from mveb.files import written_atomically
+from train.features import check_eval_options, check_same_classes, extract_features, load_backbone
 
 K = 200
 TEMPERATURE = 0.1

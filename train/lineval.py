@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from mveb.devices import resolve_device
 from mveb.errors import UsageError
 from train.features import (Features, check_eval_options, check_same_classes, embed, extract_features, feature_width,
-                            load_backbone, open_images, prepare, resolve_device)
+                            load_backbone, open_images, prepare)
 from train.knn import format_result, write_result
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from mveb.errors import UsageError
-from train.features import written_atomically
+from mveb.files import written_atomically
 
 # One PNG per entry, one stacked panel per metric, all against the optimizer step.
 FIGURES: dict[str, tuple[tuple[str, str], ...]] = {
