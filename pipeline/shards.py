@@ -19,10 +19,11 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -95,20 +96,37 @@ def write_beton(out: Path, samples: Sequence[Sample], max_res: int, quality: int
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     proc = mp.get_context("fork").Process(target=_write, args=(str(tmp), samples, max_res, quality, workers, progress))
     proc.start()
-    proc.join(timeout_s)
+    restore_sigterm = _interrupt_on_sigterm()
     try:
+        proc.join(timeout_s)
         if proc.is_alive():
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.join()
-            _free_shared_memory(Path(f"{tmp}.shm"))
             raise RuntimeError(f"the FFCV writer did not finish within {timeout_s:.0f} s and was killed; "
                                f"nothing was written to {out}")
         if proc.exitcode != 0:
             raise RuntimeError(f"the FFCV writer failed (exit code {proc.exitcode}); nothing was written to {out}")
         os.replace(tmp, out)
     finally:
+        # Also on Ctrl-C or SIGTERM (scancel): the writer's own group receives neither.
+        restore_sigterm()
+        if proc.is_alive():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.join()
+            _free_shared_memory(Path(f"{tmp}.shm"))
         tmp.unlink(missing_ok=True)
         Path(f"{tmp}.shm").unlink(missing_ok=True)
+
+
+def _interrupt_on_sigterm() -> Callable[[], None]:
+    """Turn SIGTERM into KeyboardInterrupt, so cleanup runs; returns what undoes it. Off the
+    main thread Python cannot set handlers, and nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _free_shared_memory(name_file: Path) -> None:
