@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 from ffcv.fields.rgb_image import IMAGE_MODES
-from ffcv.libffcv import ctypes_memcopy, imdecode
+from ffcv.libffcv import ctypes_imdecode, ctypes_memcopy
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
@@ -55,12 +55,12 @@ class MultiCropDecoder(Operation):
 
     def generate_code(self) -> Callable:
         mem_read = self.memory_read
-        imdecode_c = Compiler.compile(imdecode)
         my_range = Compiler.get_iterator()
         jpg = IMAGE_MODES["jpg"]
         views, offsets, shared, seed = self.views, self.offsets, self.shared, self.seed
         epoch_addr = self.epoch_box.ctypes.data
         copy_bytes = ctypes_memcopy
+        decode_c = ctypes_imdecode
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, scratch = my_storage
@@ -76,7 +76,12 @@ class MultiCropDecoder(Operation):
                 shapes[dst_ix, 0] = height
                 shapes[dst_ix, 1] = width
                 if field["mode"] == jpg:
-                    imdecode_c(data, scratch[dst_ix], height, width, height, width, 0, 0, 1, 1, False, False)
+                    # libffcv's C entry point, not its jitted `imdecode` wrapper: a numba
+                    # dispatcher shared by two loaders' pipelines fails with KeyError when the
+                    # second one compiles (numba 0.68), and FFCV's wrapper would be one.
+                    dst = scratch[dst_ix]
+                    decode_c(data.ctypes.data, data.size, height, width, dst.ctypes.data, height, width,
+                             0, 0, 1, 1, False, False)
                 else:
                     scratch[dst_ix][: data.size] = data
             augment_batch(scratch[:n], shapes, destination[:n], views, offsets, shared, seed, epoch_now[0],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,8 +31,9 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from mveb.errors import UsageError
 
-from .batch import MultiCropBatch
+from .batch import MultiCropBatch, check_loader_args
 from .ffcv_decoder import MultiCropDecoder
+from .ffcv_ops import normalize_views
 from .recipe import MultiCropRecipe
 from .shards import build_shard, check_beton
 
@@ -87,10 +89,10 @@ class FFCVMultiCropLoader:
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
                  rank: int = 0, world_size: int = 1, workers: int | None = None, drop_last: bool = True,
                  cache_dir: str | Path | None = None) -> None:
-        if batch_size < 1:
-            raise UsageError(f"batch size must be at least 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise UsageError(f"rank {rank} is outside world size {world_size}")
+        check_loader_args(batch_size, rank, world_size)
+        if not isinstance(data, (str, Path)):
+            raise UsageError("the ffcv backend reads an ImageFolder root or a .beton shard, not a list of files; "
+                             "pass the folder")
         path = Path(data)
         if path.is_dir():
             path = cached_shard(path, cache_dir, workers)
@@ -125,6 +127,8 @@ class FFCVMultiCropLoader:
                             order=self._order, pipelines=pipelines, drop_last=drop_last, batches_ahead=2)
         self._mean = torch.tensor(recipe.mean, device=self.device) * 255
         self._inv_std = 1 / (torch.tensor(recipe.std, device=self.device) * 255)
+        self._lut = ((np.arange(256)[None, :] - np.array(recipe.mean)[:, None] * 255)
+                     / (np.array(recipe.std)[:, None] * 255)).astype(np.float32)
         self._live: threading.Thread | None = None  # FFCV's EpochIterator is a thread
 
     # ------------------------------------------------------------------ order and state
@@ -178,7 +182,7 @@ class FFCVMultiCropLoader:
 
     def _batches(self, epoch_iter: Any) -> Iterator[MultiCropBatch]:
         try:
-            for fields in epoch_iter:
+            while (fields := _next_or_raise(epoch_iter)) is not None:
                 batch = self._to_batch(fields[0], fields[1] if self.has_labels else None)
                 self._batches_done += 1
                 yield batch
@@ -197,13 +201,15 @@ class FFCVMultiCropLoader:
             epoch_iter.join(timeout=60)
 
     def _to_batch(self, images: np.ndarray, labels: np.ndarray | None) -> MultiCropBatch:
-        raw = torch.from_numpy(images)
-        if self.device.type != "cpu":
-            raw = raw.to(self.device, non_blocking=True)
         r = self.recipe
         split = r.n_global * r.global_size * r.global_size * 3
-        globals_ = self._normalized(raw[:, :split], r.n_global, r.global_size)
-        locals_ = self._normalized(raw[:, split:], r.n_local, r.local_size)
+        if self.device.type == "cpu":
+            globals_ = self._normalized_cpu(images, 0, r.n_global, r.global_size)
+            locals_ = self._normalized_cpu(images, split, r.n_local, r.local_size)
+        else:
+            raw = torch.from_numpy(images).to(self.device, non_blocking=True)
+            globals_ = self._normalized(raw[:, :split], r.n_global, r.global_size)
+            locals_ = self._normalized(raw[:, split:], r.n_local, r.local_size)
         lab = None
         if labels is not None:
             lab = torch.from_numpy(labels.reshape(-1).astype(np.int64)).to(self.device)
@@ -215,7 +221,33 @@ class FFCVMultiCropLoader:
         out = torch.empty((n, b, size, size, 3), dtype=torch.float32, device=self.device)
         out.copy_(raw.view(b, n, size, size, 3).transpose(0, 1))
         out.sub_(self._mean).mul_(self._inv_std)  # in fp32: a bf16 mean * 255 would be off by ~0.3
+        return self._nchw(out)
+
+    def _normalized_cpu(self, images: np.ndarray, start: int, n: int, size: int) -> torch.Tensor:
+        out = torch.empty((n, images.shape[0], size, size, 3), dtype=torch.float32)
+        if out.numel():
+            normalize_views(images, start, n, size, self._lut, out.numpy().reshape(n, images.shape[0], -1))
+        return self._nchw(out)
+
+    def _nchw(self, out: torch.Tensor) -> torch.Tensor:
+        n, b, size = out.shape[:3]
         return out.to(self.dtype).view(n * b, size, size, 3).permute(0, 3, 1, 2)
+
+
+def _next_or_raise(epoch_iter: Any) -> Any:
+    """FFCV's next batch, or None at the end of the epoch.
+
+    FFCV's consumer waits on its queue forever when the pipeline thread dies (its
+    exception only goes to stderr), so wait here while watching that the thread lives.
+    """
+    while epoch_iter.output_queue.qsize() == 0 and epoch_iter.is_alive():
+        time.sleep(0.002)
+    if epoch_iter.output_queue.qsize() == 0:
+        raise RuntimeError("the FFCV pipeline thread died (its error is printed above)")
+    try:
+        return next(epoch_iter)
+    except StopIteration:
+        return None
 
 
 def _open_shard(path: Path) -> Any:

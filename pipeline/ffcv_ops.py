@@ -228,53 +228,52 @@ def adjust_saturation(buf, factor):
 
 
 @njit(**_JIT)
-def _shift_hue(r, g, b, shift):
-    # torchvision's _rgb2hsv / _hsv2rgb; v keeps the 0..255 scale, which both formulas allow.
-    r = np.float64(r)
-    g = np.float64(g)
-    b = np.float64(b)
+def _shift_hue(r, g, b, shift6):
+    """torchvision's rgb -> hsv -> (h + shift) mod 1 -> rgb, with h in sixths (shift6 = 6 shift).
+
+    In hsv2rgb, v = max, v (1 - s) = min and the two ramps are min + (max - min) f and
+    max - (max - min) f, so no s, division by max or clamp is needed.
+    """
     maxc = max(r, max(g, b))
     minc = min(r, min(g, b))
-    if maxc == minc:
-        return r, g, b
     cr = maxc - minc
-    s = cr / maxc
-    rc = (maxc - r) / cr
-    gc = (maxc - g) / cr
-    bc = (maxc - b) / cr
+    if cr == 0:
+        return r, g, b
+    inv = np.float32(1.0) / cr
     if maxc == r:
-        h = bc - gc
+        h6 = (g - b) * inv
     elif maxc == g:
-        h = 2.0 + rc - bc
+        h6 = np.float32(2.0) + (b - r) * inv
     else:
-        h = 4.0 + gc - rc
-    h = (h / 6.0 + 1.0 + shift) % 1.0
-    h6 = h * 6.0
-    i = int(np.floor(h6))
+        h6 = np.float32(4.0) + (r - g) * inv
+    h6 += shift6
+    while h6 < 0:
+        h6 += np.float32(6.0)
+    while h6 >= 6:
+        h6 -= np.float32(6.0)
+    i = int(h6)
     f = h6 - i
-    i = i % 6
-    v = maxc
-    p = min(max(v * (1.0 - s), 0.0), 255.0)
-    q = min(max(v * (1.0 - s * f), 0.0), 255.0)
-    t = min(max(v * (1.0 - s * (1.0 - f)), 0.0), 255.0)
+    up = minc + cr * f
+    down = maxc - cr * f
     if i == 0:
-        return v, t, p
+        return maxc, up, minc
     if i == 1:
-        return q, v, p
+        return down, maxc, minc
     if i == 2:
-        return p, v, t
+        return minc, maxc, up
     if i == 3:
-        return p, q, v
+        return minc, down, maxc
     if i == 4:
-        return t, p, v
-    return v, p, q
+        return up, minc, maxc
+    return maxc, minc, down
 
 
 @njit(**_JIT)
 def adjust_hue(buf, shift):
     flat = buf.reshape(-1)
+    shift6 = np.float32(6.0 * shift)
     for p in range(flat.size // 3):
-        r, g, b = _shift_hue(flat[3 * p], flat[3 * p + 1], flat[3 * p + 2], shift)
+        r, g, b = _shift_hue(flat[3 * p], flat[3 * p + 1], flat[3 * p + 2], shift6)
         flat[3 * p] = r
         flat[3 * p + 1] = g
         flat[3 * p + 2] = b
@@ -306,23 +305,24 @@ def gaussian_blur(buf, sigma):
         total += kernel[k]
     for k in range(2 * radius + 1):
         kernel[k] /= total
+    # Each row is padded by replicating its edge pixels, so the taps loop runs without
+    # bounds checks and vectorizes.
+    taps = 2 * radius + 1
+    padded = np.empty((width + 2 * radius) * 3, np.float32)
     tmp = np.zeros((height, row), np.float32)
     for y in range(height):
         src = buf[y]
+        padded[3 * radius: 3 * radius + row] = src
+        for x in range(radius):
+            for c in range(3):
+                padded[3 * x + c] = src[c]
+                padded[3 * (radius + width + x) + c] = src[row - 3 + c]
         dst = tmp[y]
-        for x in range(width):
-            r = np.float32(0.0)
-            g = np.float32(0.0)
-            b = np.float32(0.0)
-            for k in range(2 * radius + 1):
-                xx = min(max(x + k - radius, 0), width - 1)
-                wk = kernel[k]
-                r += wk * src[3 * xx]
-                g += wk * src[3 * xx + 1]
-                b += wk * src[3 * xx + 2]
-            dst[3 * x] = r
-            dst[3 * x + 1] = g
-            dst[3 * x + 2] = b
+        for k in range(taps):
+            wk = kernel[k]
+            seg = padded[3 * k: 3 * k + row]
+            for i in range(row):
+                dst[i] += wk * seg[i]
     buf[:] = 0.0
     for y in range(height):
         dst = buf[y]
@@ -418,3 +418,21 @@ def augment_batch(pixels, shapes, out, views, offsets, shared, seed, epoch, indi
         w = shapes[i, 1]
         img = pixels[i, : h * w * 3].reshape(h, w, 3)
         augment_sample(img, out[i], views, offsets, shared, seed, epoch, indices[i])
+
+
+@njit(parallel=True, **_JIT)
+def normalize_views(raw, start, n_views, size, lut, out):
+    """Copy n_views views of size x size out of FFCV's reused rows raw [B, bytes] (from byte
+    `start`) into out [n_views, B, size * size * 3] float32, view-major, through the
+    per-channel lookup table lut [3, 256] = (value - mean) / std: one pass, not torch's three."""
+    batch = raw.shape[0]
+    plane = size * size * 3
+    for job in prange(n_views * batch):
+        v = job // batch
+        b = job % batch
+        src = raw[b, start + v * plane: start + (v + 1) * plane]
+        dst = out[v, b]
+        for p in range(size * size):
+            dst[3 * p] = lut[0, src[3 * p]]
+            dst[3 * p + 1] = lut[1, src[3 * p + 1]]
+            dst[3 * p + 2] = lut[2, src[3 * p + 2]]
