@@ -11,6 +11,7 @@ without triton can import this package.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence, Union
 
@@ -53,6 +54,8 @@ def mveb_loss(
     A non-finite input gives a NaN loss (the reference impls raise torch.linalg.LinAlgError).
     A view whose fp32 inversion of K + eta I fails (Cholesky, or the Triton sweep's residual
     check) is redone in fp64; checking for that costs one device-to-host sync per call.
+    On CUDA at B <= 512 the Triton forward is captured once per shape as a CUDA graph and
+    replayed (kernels/graphs.py); it is not used while the caller itself captures a graph.
     """
     online_t = _stack(online, "online")
     targets_t = _stack(targets, "targets")
@@ -113,15 +116,25 @@ def _describe(x: object) -> str:
 def _ops(impl: str, x: torch.Tensor) -> TorchOps:
     use_triton = impl == "triton" or (impl == "auto" and x.is_cuda)
     if not use_triton:
-        return TorchOps()
+        return _TORCH_OPS
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("mveb_loss: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter)")
     try:
-        from kernels.triton_ops import TritonOps
+        return _triton_ops()
     except ImportError as e:
         if impl == "auto":
-            return TorchOps()
+            return _TORCH_OPS
         raise ValueError(f"mveb_loss: impl='triton' needs the triton package ({e}); use impl='torch'") from e
+
+
+_TORCH_OPS = TorchOps()
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_ops() -> TorchOps:
+    """One shared instance: it holds the captured CUDA graphs."""
+    from kernels.triton_ops import TritonOps
+
     return TritonOps()
 
 

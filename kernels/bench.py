@@ -1,7 +1,8 @@
 """`mveb bench kernels`: ms per loss step (forward + backward, all views) and peak memory
 for each implementation, side by side in one run.
 
-GPU: CUDA events, peak = torch.cuda.max_memory_allocated above the inputs. CPU: wall
+GPU: CUDA events, peak = torch.cuda.max_memory_allocated above the inputs, and the host's
+launch and sync calls in one profiled step. CPU: wall
 clock, peak = the rise of the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs) during one step, with glibc told to map every large block
 afresh (mallopt), so freed memory is returned and the rise is the step's own. The literal B x B x D form is skipped where that
@@ -26,9 +27,17 @@ from tqdm import tqdm
 from kernels import mveb_loss
 from mveb.errors import UsageError
 
-# triton-cholesky: the Triton path with cuSOLVER's Cholesky instead of the sweep, to see
-# which inverts K + eta I faster at each B.
-BENCH_IMPLS = ("reference-literal", "reference", "torch", "triton", "triton-cholesky")
+# Variants of the Triton path, to see what each choice is worth at each B:
+# triton-cholesky: cuSOLVER's Cholesky and a B-wide inverse instead of the sweep;
+# triton-solve: the per-view Cholesky solve against diag(r) Z at every B (default from B=2048);
+# triton-eager: no CUDA graph (every kernel launched from Python).
+TRITON_VARIANTS = {"triton-cholesky": {"sweep_max_b": 0}, "triton-solve": {"solve_min_b": 2},
+                   "triton-eager": {"graphs": False}}
+BENCH_IMPLS = ("reference-literal", "reference", "torch", "triton", *TRITON_VARIANTS)
+# Host calls that start device work, and host calls that wait for the device.
+LAUNCH_CALLS = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch",
+                "cudaMemsetAsync", "cudaMemcpyAsync"}
+SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
 CPU_BATCH_SIZES = (128, 256, 512)
 CPU_LITERAL_BYTES = 256 << 20
 M_MMAP_THRESHOLD = -3
@@ -43,6 +52,8 @@ class Result:
     ms_min: float | None = None
     peak_mib: float | None = None
     steps: int = 0
+    launches: int | None = None
+    syncs: int | None = None
     skipped: str | None = None
 
 
@@ -81,21 +92,37 @@ def bench_one(impl: str, b: int, d: int, views: int, dtype: torch.dtype, device:
         step()
         peak = _peak_mib(step, device)
         times = _time(step, device, seconds)
+        launches, syncs = _host_calls(step, device)
     except torch.OutOfMemoryError:
         return Result(impl, b, skipped="out of memory")
     finally:
         online.grad = None
-    return Result(impl, b, ms=statistics.median(times), ms_min=min(times), peak_mib=peak, steps=len(times))
+    return Result(impl, b, ms=statistics.median(times), ms_min=min(times), peak_mib=peak, steps=len(times),
+                  launches=launches, syncs=syncs)
 
 
 def _loss_fn(impl: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if impl != "triton-cholesky":
+    if impl not in TRITON_VARIANTS:
         return lambda online, targets: mveb_loss(online, targets, impl=impl)
     from kernels.loss import MvebLossFunction
     from kernels.triton_ops import TritonOps
 
-    ops = TritonOps(sweep_max_b=0)
+    ops = TritonOps(**TRITON_VARIANTS[impl])
     return lambda online, targets: MvebLossFunction.apply(online, targets, 0.01, 0.01, 0.1, ops)[0]
+
+
+def _host_calls(step: Callable[[], None], device: torch.device) -> tuple[int | None, int | None]:
+    """(launch calls, syncs) the host makes in one step, from the profiler's CUDA API events.
+    A step whose time is far above its kernels' is paying for these, not for the GPU."""
+    if device.type != "cuda":
+        return None, None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+    names = [e.name for e in prof.events()]
+    return sum(n in LAUNCH_CALLS for n in names), sum(n in SYNC_CALLS for n in names)
 
 
 def _skip_reason(impl: str, b: int, d: int, device: torch.device) -> str | None:
@@ -159,16 +186,19 @@ def _vm_kib(field: str) -> int:
 def format_table(results: list[Result], device: torch.device, args: argparse.Namespace) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     lines = [f"MVEB loss fwd+bwd, {args.views} views, D={args.dim}, {args.dtype} inputs, {name}",
-             "| B | impl | ms/step (median) | ms (min) | peak MiB | vs reference | note |",
-             "|---|---|---|---|---|---|---|"]
+             "| B | impl | ms/step (median) | ms (min) | peak MiB | vs reference | launches | syncs | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
     ref = {r.batch: r.ms for r in results if r.impl == "reference" and r.ms}
     for r in results:
         if r.skipped:
-            lines.append(f"| {r.batch} | {r.impl} | - | - | - | - | skipped: {r.skipped} |")
+            lines.append(f"| {r.batch} | {r.impl} | - | - | - | - | - | - | skipped: {r.skipped} |")
             continue
         speed = f"{ref[r.batch] / r.ms:.2f}x" if r.batch in ref else "-"
         peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "n/a"
-        lines.append(f"| {r.batch} | {r.impl} | {r.ms:.3f} | {r.ms_min:.3f} | {peak} | {speed} | {r.steps} steps |")
+        calls = " | ".join("-" if c is None else str(c) for c in (r.launches, r.syncs))
+        lines.append(f"| {r.batch} | {r.impl} | {r.ms:.3f} | {r.ms_min:.3f} | {peak} | {speed} | {calls} | {r.steps} steps |")
+    lines.append("launches / syncs: host calls per step that start device work (kernels, graph replays, "
+                 "copies, fills) / that wait for the device (CUDA only).")
     return "\n".join(lines)
 
 

@@ -11,8 +11,9 @@ def add_bench_kernels_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated B values (default 128,256,512,1024,4096 on CUDA, 128,256,512 on CPU)")
     p.add_argument("--dim", type=int, default=2048, help="projector width D")
     p.add_argument("--views", type=int, default=8, help="number of views V (2 global + the locals)")
-    p.add_argument("--impls", default="reference-literal,reference,torch,triton,triton-cholesky",
-                   help="implementations to time (triton-cholesky: Triton with cuSOLVER's Cholesky, not the sweep)")
+    p.add_argument("--impls", default="reference-literal,reference,torch,triton,triton-cholesky,triton-solve,triton-eager",
+                   help="implementations to time (triton-cholesky: cuSOLVER's Cholesky, not the sweep; triton-solve: "
+                        "the per-view Cholesky solve at every B; triton-eager: no CUDA graph)")
     p.add_argument("--dtype", default="fp32", help="input dtype: fp32, bf16 or fp16")
     p.add_argument("--seconds", type=float, default=1.0,
                    help="time each case for about this long (at least 3 steps on GPU, 2 on CPU)")

@@ -3,6 +3,13 @@
 `TorchOps` is the op set the autograd Function in kernels/loss.py calls; the Triton op set
 (kernels/triton_ops.py) overrides the steps it fuses and inherits the rest, so both share
 one Cholesky, one retry policy and one closed-form backward.
+
+Two ways to get Y = M Z = (K + eta I)^{-1} diag(r) Z / tau (score = -Y), chosen by B:
+- B < solve_min_b: P = (K + eta I)^{-1} (B x B), M = P diag(r) / tau, Y = M Z. Batched
+  B x B work is cheap and cuBLAS GEMMs beat D-wide triangular solves at small B.
+- B >= solve_min_b: a Cholesky and a triangular solve against diag(r) Z / tau per view
+  (2 B^2 D flops, what the reference does), instead of the inverse's ~3 B^3 + 2 B^2 D: at
+  B=4096, D=2048 the inverse path ran 100 ms against the reference's 74 ms (H200, 8 views).
 """
 
 from __future__ import annotations
@@ -38,10 +45,51 @@ def view_weights(views: int, dtype: torch.dtype, device: torch.device) -> torch.
     return w.to(device)
 
 
+# Measured on an H200 (8 views, D=2048): the inverse path wins 2x at B=1024 and loses at 4096.
+SOLVE_MIN_B = 2048
+
+
 class TorchOps:
-    """Every step as batched PyTorch ops; works on any device and in fp32 or fp64."""
+    """Every step as batched PyTorch ops; works on any device and in fp32 or fp64.
+    solve_min_b: the smallest B that takes the per-view Cholesky solve instead of the inverse."""
 
     name = "torch"
+
+    def __init__(self, solve_min_b: int = SOLVE_MIN_B) -> None:
+        self.solve_min_b = solve_min_b
+
+    def forward_core(
+        self, online: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype, eta: float, min_tau: float
+    ) -> tuple[torch.Tensor, ...]:
+        """(z, norms, t, rowdot, y, ms, tau, info): everything of the forward that needs no
+        host sync (info != 0 marks the views the caller must redo in fp64)."""
+        z, norms, t, rowdot = self.normalize_align(online, targets, dtype)
+        y, ms, tau, info = self.score(z, self.gram(z), eta, min_tau)
+        return z, norms, t, rowdot, y, ms, tau, info
+
+    def score(
+        self, z: torch.Tensor, s: torch.Tensor, eta: float, min_tau: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Y = M Z = -score [V, B, D], row sums of M * S = <y_b, z_b> [V, B], tau [V], info [V])."""
+        a, r, tau = self.kernel_matrix(s, eta, min_tau)
+        if z.shape[1] >= self.solve_min_b:
+            y, info = self.solve(a, z * (r / tau[:, None])[..., None])
+            return y, (y * z).sum(dim=-1), tau, info
+        p, info = self.spd_inverse(a)
+        m, ms = self.operator(p, r, tau, s)
+        with ieee_fp32_matmul():
+            return torch.bmm(m, z), ms, tau, info
+
+    def solve(self, a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A^{-1} W, info) view by view: the single-matrix cuSOLVER Cholesky and solve (the
+        batched calls may take MAGMA or potrfBatched, built for small matrices)."""
+        y = torch.empty_like(w)
+        infos = []
+        for v in range(a.shape[0]):
+            factor, info = torch.linalg.cholesky_ex(a[v])
+            y[v] = torch.cholesky_solve(w[v], factor)
+            infos.append(info)
+        return y, torch.stack(infos)
 
     def normalize_align(
         self, online: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype
@@ -110,14 +158,13 @@ class TorchOps:
         return -(align / views + lam * entropy), align, entropy, rowdot + lam * ms
 
     def grad_online(
-        self, m: torch.Tensor, z: torch.Tensor, t: torch.Tensor, dots: torch.Tensor, norms: torch.Tensor,
+        self, y: torch.Tensor, z: torch.Tensor, t: torch.Tensor, dots: torch.Tensor, norms: torch.Tensor,
         grad_loss: torch.Tensor, lam: float, out_dtype: torch.dtype,
     ) -> torch.Tensor:
-        """d loss / d online: dz = scale (target + lam M z), scale = -grad / (V B), then through
-        the normalization: (dz - z <z, dz>) / |online|, with <z, dz> = scale * dots."""
+        """d loss / d online: dz = scale (target + lam y), scale = -grad / (V B), y = M z, then
+        through the normalization: (dz - z <z, dz>) / |online|, with <z, dz> = scale * dots."""
         views, b, _ = z.shape
         scale = -grad_loss / (views * b)
         w = view_weights(views, z.dtype, z.device)
-        with ieee_fp32_matmul():
-            dz = torch.baddbmm(torch.einsum("vj,jbd->vbd", w, t), m, z, alpha=lam) * scale
+        dz = torch.einsum("vj,jbd->vbd", w, t).add_(y, alpha=lam) * scale
         return ((dz - z * (scale * dots)[..., None]) / norms[..., None]).to(out_dtype)

@@ -11,8 +11,8 @@
 - sweep_step: one block step of the in-place inversion of the SPD K + eta' I (a
   Gauss-Jordan sweep, Schur complements by tl.dot), with a failure flag per view.
 - finish: the loss, align and entropy scalars and the backward's row dots (1 program).
-- grad_online: the whole backward, M Z (IEEE fp32 tl.dot) with the alignment target, the
-  scale and the normalization's backward fused into the GEMM epilogue.
+- grad_online: the whole backward in one elementwise pass over y = M z (from the forward),
+  the alignment target, the scale and the normalization's backward.
 All work in fp32; inputs may be fp32, bf16 or fp16.
 """
 
@@ -159,32 +159,24 @@ def finish_kernel(rowdot_ptr, ms_ptr, dots_ptr, loss_ptr, align_ptr, entropy_ptr
 
 @triton.jit
 def grad_online_kernel(
-    m_ptr, z_ptr, t_ptr, dots_ptr, norms_ptr, grad_loss_ptr, out_ptr, V, B, D, lam,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    y_ptr, z_ptr, t_ptr, dots_ptr, norms_ptr, grad_loss_ptr, out_ptr, V, B, D, lam, BLOCK_D: tl.constexpr
 ):
-    v = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    zbase = v.to(tl.int64) * B * D
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, B, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        m = tl.load(m_ptr + v.to(tl.int64) * B * B + rows[:, None] * B + ks[None, :],
-                    mask=(rows[:, None] < B) & (ks[None, :] < B), other=0.0)
-        zk = tl.load(z_ptr + zbase + ks[:, None] * D + cols[None, :],
-                     mask=(ks[:, None] < B) & (cols[None, :] < D), other=0.0)
-        acc = tl.dot(m, zk, acc, input_precision="ieee")
-    mask = (rows[:, None] < B) & (cols[None, :] < D)
-    offs = rows[:, None] * D + cols[None, :]
+    """One program per online row: the alignment target, the scale and the normalization's
+    backward around y = M z (kept from the forward)."""
+    row = tl.program_id(0)
+    v = row // B
+    b = row % B
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    offs = row.to(tl.int64) * D + cols
     w1, w2 = _view_weights(v)
-    target = w1 * tl.load(t_ptr + offs, mask=mask, other=0.0) + w2 * tl.load(t_ptr + B * D + offs, mask=mask, other=0.0)
+    target = (w1 * tl.load(t_ptr + b * D + cols, mask=mask, other=0.0)
+              + w2 * tl.load(t_ptr + (B + b) * D + cols, mask=mask, other=0.0))
     scale = -tl.load(grad_loss_ptr) / (V * B)
-    dz = scale * (target + lam * acc)
-    z = tl.load(z_ptr + zbase + offs, mask=mask, other=0.0)
-    c = scale * tl.load(dots_ptr + v * B + rows, mask=rows < B, other=0.0)
-    n = tl.load(norms_ptr + v * B + rows, mask=rows < B, other=1.0)
-    grad = (dz - z * c[:, None]) / n[:, None]
-    tl.store(out_ptr + zbase + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
+    dz = scale * (target + lam * tl.load(y_ptr + offs, mask=mask, other=0.0))
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0)
+    grad = (dz - z * (scale * tl.load(dots_ptr + row))) / tl.load(norms_ptr + row)
+    tl.store(out_ptr + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -1,9 +1,12 @@
 """The op set of kernels/torch_ops.py with the fusable steps as Triton kernels (fp32 only).
 
 Forward: normalize_align (1 launch), Gram (cuBLAS SGEMM), radix select (1 fill + 4
-launches), kernel matrix (1), the SPD inverse by a blocked sweep (B / 32 launches for
-B <= 512; cuSOLVER Cholesky and a B-wide triangular inverse above), operator (1),
-finish (1).
+launches), kernel matrix (1), the SPD inverse by a blocked sweep and a Newton step (B / 32
++ ~7 launches for B <= 512; cuSOLVER Cholesky and a B-wide triangular inverse up to
+solve_min_b; a per-view Cholesky solve above), operator (1), Y = M Z (cuBLAS), then the
+host reads the failure flags (1 sync) and finish (1).
+On CUDA at B <= 512 everything before the sync is one CUDA graph replay (kernels/graphs.py):
+2 input copies + 1 replay + 8 output copies instead of ~25 launches from Python.
 Backward: 1 launch. fp64 inputs take the inherited PyTorch steps, so tests can still
 compare at 1e-10.
 """
@@ -14,11 +17,12 @@ import torch
 import triton
 
 from kernels import triton_kernels as tk
-from kernels.torch_ops import TorchOps, ieee_fp32_matmul
+from kernels.graphs import GraphCache
+from kernels.torch_ops import SOLVE_MIN_B, TorchOps, ieee_fp32_matmul
 
 # Small tiles keep the interpreter (TRITON_INTERPRET=1, CPU tests) fast; GPUs get real tiles.
-_TILE_GPU = {"rows": 32, "cols": 128, "radix": 4096, "gemm_m": 64, "gemm_n": 64, "gemm_k": 32, "sweep": 32}
-_TILE_CPU = {"rows": 16, "cols": 16, "radix": 256, "gemm_m": 16, "gemm_n": 16, "gemm_k": 16, "sweep": 16}
+_TILE_GPU = {"rows": 32, "cols": 128, "radix": 4096, "sweep": 32}
+_TILE_CPU = {"rows": 16, "cols": 16, "radix": 256, "sweep": 16}
 SWEEP_MAX_B = 512
 # After one Newton step the error is about the square of this: fp32 Cholesky quality.
 SWEEP_MAX_RESIDUAL = 1e-2
@@ -29,12 +33,28 @@ def _tiles(x: torch.Tensor) -> dict[str, int]:
 
 
 class TritonOps(TorchOps):
-    """sweep_max_b: largest B inverted by the Triton sweep (0: always cuSOLVER Cholesky)."""
+    """sweep_max_b: largest B inverted by the Triton sweep (0: always cuSOLVER Cholesky).
+    graphs: replay the forward as a CUDA graph where it is all sweep path (B <= sweep_max_b)."""
 
     name = "triton"
 
-    def __init__(self, sweep_max_b: int = SWEEP_MAX_B) -> None:
+    def __init__(self, sweep_max_b: int = SWEEP_MAX_B, solve_min_b: int = SOLVE_MIN_B, graphs: bool = True) -> None:
+        super().__init__(solve_min_b)
         self.sweep_max_b = sweep_max_b
+        self.graphs = GraphCache() if graphs else None
+
+    def forward_core(
+        self, online: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype, eta: float, min_tau: float
+    ) -> tuple[torch.Tensor, ...]:
+        b = online.shape[1]
+        if (self.graphs is None or not online.is_cuda or dtype != torch.float32 or b > self.sweep_max_b
+                or b >= self.solve_min_b or torch.cuda.is_current_stream_capturing()):
+            return super().forward_core(online, targets, dtype, eta, min_tau)
+        key = (tuple(online.shape), online.dtype, targets.dtype, online.device, eta, min_tau)
+        outputs = self.graphs.run(key, lambda o, t: TorchOps.forward_core(self, o, t, dtype, eta, min_tau),
+                                  (online, targets))
+        # The next replay overwrites the graph's buffers; callers keep these (autograd saves some).
+        return tuple(x.clone() for x in outputs)
 
     def normalize_align(
         self, online: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype
@@ -121,15 +141,13 @@ class TritonOps(TorchOps):
         return loss, align, entropy, dots
 
     def grad_online(
-        self, m: torch.Tensor, z: torch.Tensor, t: torch.Tensor, dots: torch.Tensor, norms: torch.Tensor,
+        self, y: torch.Tensor, z: torch.Tensor, t: torch.Tensor, dots: torch.Tensor, norms: torch.Tensor,
         grad_loss: torch.Tensor, lam: float, out_dtype: torch.dtype,
     ) -> torch.Tensor:
         if z.dtype != torch.float32:
-            return super().grad_online(m, z, t, dots, norms, grad_loss, lam, out_dtype)
+            return super().grad_online(y, z, t, dots, norms, grad_loss, lam, out_dtype)
         views, b, d = z.shape
-        tiles = _tiles(z)
         out = torch.empty(z.shape, dtype=out_dtype, device=z.device)
-        grid = (views, triton.cdiv(b, tiles["gemm_m"]), triton.cdiv(d, tiles["gemm_n"]))
-        tk.grad_online_kernel[grid](m, z, t, dots, norms, grad_loss.reshape(1), out, views, b, d, lam,
-                                    BLOCK_M=tiles["gemm_m"], BLOCK_N=tiles["gemm_n"], BLOCK_K=tiles["gemm_k"])
+        tk.grad_online_kernel[(views * b,)](y.contiguous(), z, t, dots, norms, grad_loss.reshape(1), out, views, b, d,
+                                           lam, BLOCK_D=triton.next_power_of_2(d))
         return out

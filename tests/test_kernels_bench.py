@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from kernels.bench import BENCH_IMPLS
 from mveb.cli import main
 
 
@@ -20,8 +21,8 @@ def test_bench_kernels_cpu_table_and_json(tmp_path: Path, capsys: pytest.Capture
     doc = json.loads(out.read_text())
     assert doc["views"] == 3 and doc["dim"] == 32
     rows = {(r["impl"], r["batch"]): r for r in doc["results"]}
-    assert set(rows) == {(i, b) for i in ("reference-literal", "reference", "torch", "triton", "triton-cholesky")
-                         for b in (8, 13)}
+    assert set(rows) == {(i, b) for i in BENCH_IMPLS for b in (8, 13)}
+    assert {"triton-solve", "triton-eager"} <= set(BENCH_IMPLS)
     for impl in ("reference-literal", "reference", "torch"):
         assert rows[(impl, 13)]["ms"] > 0 and rows[(impl, 13)]["steps"] >= 2
     assert rows[("triton", 8)]["skipped"] == "needs CUDA"
@@ -56,5 +57,7 @@ def test_bench_kernels_cuda_runs_every_impl(tmp_path: Path) -> None:
     out = tmp_path / "kernels.json"
     assert main(["bench", "kernels", "--device", "cuda", "--batch-sizes", "128", "--seconds", "0.2", "--json", str(out)]) == 0
     rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
-    assert all(rows[i]["ms"] > 0 and rows[i]["peak_mib"] >= 0
-               for i in ("reference-literal", "reference", "torch", "triton", "triton-cholesky"))
+    assert all(rows[i]["ms"] > 0 and rows[i]["peak_mib"] >= 0 for i in BENCH_IMPLS)
+    # one sync per step (the fp64-retry check), and the graph replaces the forward's launches
+    assert rows["triton"]["syncs"] <= 1
+    assert 0 < rows["triton"]["launches"] < rows["triton-eager"]["launches"]

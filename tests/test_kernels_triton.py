@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernels import mveb_loss
 from test_kernels_math import LAM, literal_loss_and_grad, make_views, rel
 
 # (kind, V, B, D, input dtype): odd B, tiles that do not divide B or D, collapse (tau = 0.1)
@@ -20,6 +21,7 @@ INTERPRETER_CASES = [
     ("collapsed", 2, 12, 16, "float32"),
     ("random", 2, 6, 8, "bfloat16"),
 ]
+SOLVE_CASE = ("clustered", 3, 17, 9, "float32")
 
 
 def _case_inputs(case: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,7 +32,7 @@ def _case_inputs(case: tuple) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _run_cases(out: Path) -> None:
     """Runs in the TRITON_INTERPRET=1 subprocess: Triton results for every case, saved."""
-    from kernels import mveb_loss
+    from kernels.loss import MvebLossFunction
     from kernels.torch_ops import TorchOps
     from kernels.triton_ops import TritonOps
 
@@ -47,6 +49,12 @@ def _run_cases(out: Path) -> None:
     s[2] = torch.randn(7, 7, generator=g).clamp(-1, 1)
     results["select"] = {"triton": TritonOps().kernel_matrix(s, 0.01, 0.1), "torch": TorchOps().kernel_matrix(s, 0.01, 0.1)}
     results["sweep"] = {"a": _sweep_inputs(), "p_info": TritonOps().spd_inverse(_sweep_inputs())}
+    # The per-view Cholesky solve (the large-B path) around the Triton kernels, forced at B=17.
+    online, targets = _case_inputs(SOLVE_CASE)
+    online.requires_grad_()
+    loss = MvebLossFunction.apply(online, targets, LAM, 0.01, 0.1, TritonOps(solve_min_b=2))[0]
+    loss.backward()
+    results["solve"] = {"loss": loss.detach(), "grad": online.grad}
     bad = _case_inputs(INTERPRETER_CASES[0])[0]
     bad[1, 2, 3] = float("nan")
     results["nan"] = mveb_loss(bad, _case_inputs(INTERPRETER_CASES[0])[1], impl="triton")
@@ -90,12 +98,19 @@ def test_interpreted_triton_matches_literal(interpreted: dict, case: tuple) -> N
         assert torch.allclose(got["tau"], torch.full_like(got["tau"], 0.1))
     # the same fp32 math as the torch op set, step for step
     o = online.detach().requires_grad_()
-    from kernels import mveb_loss
-
     ref = mveb_loss(o, targets, impl="torch")
     ref.backward()
     assert abs(got["loss"].item() - ref.item()) <= min(loss_tol, 1e-4) * max(1.0, abs(ref.item()))
     assert got["align"].item() == pytest.approx(-(ref.item() * case[1] + LAM * case[1] * got["entropy"].item()), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_interpreted_solve_path_matches_literal(interpreted: dict) -> None:
+    online, targets = _case_inputs(SOLVE_CASE)
+    want_loss, want_grad = literal_loss_and_grad(online.double(), targets.double())
+    got = interpreted["solve"]
+    assert abs(got["loss"].item() - want_loss.item()) <= 1e-5 * max(1.0, abs(want_loss.item()))
+    assert rel(got["grad"], want_grad) <= 1e-4
 
 
 @pytest.mark.slow
@@ -139,10 +154,9 @@ SM90_SIGNATURES = {  # kernel: (signature, constexprs) as kernels/triton_ops.py 
                          "B": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}, {"BLOCK_M": 32, "BLOCK_N": 128}),
     "finish_kernel": ({"rowdot_ptr": F32, "ms_ptr": F32, "dots_ptr": F32, "loss_ptr": F32, "align_ptr": F32,
                        "entropy_ptr": F32, "V": "i32", "B": "i32", "lam": "fp32", "BLOCK": "constexpr"}, {"BLOCK": 4096}),
-    "grad_online_kernel": ({"m_ptr": F32, "z_ptr": F32, "t_ptr": F32, "dots_ptr": F32, "norms_ptr": F32,
+    "grad_online_kernel": ({"y_ptr": F32, "z_ptr": F32, "t_ptr": F32, "dots_ptr": F32, "norms_ptr": F32,
                             "grad_loss_ptr": F32, "out_ptr": "*bf16", "V": "i32", "B": "i32", "D": "i32", "lam": "fp32",
-                            "BLOCK_M": "constexpr",
-                            "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}),
+                            "BLOCK_D": "constexpr"}, {"BLOCK_D": 2048}),
     "sweep_step_kernel": ({"a_in": F32, "a_out": F32, "info_ptr": "*i32", "B": "i32", "K": "i32", "sign": "fp32",
                            "T": "constexpr"}, {"T": 32}),
 }
@@ -163,15 +177,13 @@ def test_every_kernel_compiles_for_sm90_without_a_gpu() -> None:
 
 
 GPU_CASES = [("random", 8, 256, 2048), ("clustered", 8, 128, 2048), ("collapsed", 8, 256, 2048),
-             ("random", 3, 77, 300), ("random", 8, 1024, 2048)]
+             ("random", 3, 77, 300), ("random", 8, 1024, 2048), ("random", 4, 2048, 512)]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_cuda_triton_and_torch_match_reference(case: tuple, dtype: torch.dtype) -> None:
-    from kernels import mveb_loss
-
     online, targets = make_views(*case, seed=case[2], dtype=dtype)
     online, targets = online.detach().cuda(), targets.cuda()
     want = mveb_loss(online.double(), targets.double(), impl="reference")
@@ -193,8 +205,6 @@ def test_cuda_triton_and_torch_match_reference(case: tuple, dtype: torch.dtype) 
 @pytest.mark.gpu
 def test_cuda_triton_survives_tf32_and_autocast() -> None:
     """Global TF32 on and bf16 autocast: S is still IEEE fp32, so tau matches the fp64 one."""
-    from kernels import mveb_loss
-
     online, targets = make_views("collapsed", 8, 256, 2048, seed=1, dtype=torch.float32)
     online, targets = online.detach().cuda(), targets.cuda()
     before = torch.backends.cuda.matmul.fp32_precision
@@ -207,6 +217,57 @@ def test_cuda_triton_survives_tf32_and_autocast() -> None:
     assert torch.backends.cuda.matmul.fp32_precision == before
     ref = mveb_loss(online.double(), targets.double(), impl="reference")
     assert torch.isfinite(loss) and abs(loss.item() - ref.item()) <= 1e-4 * max(1.0, abs(ref.item()))
+
+
+def _near_duplicates(views: int, b: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows 1e-4 apart: tau clamps at 0.1 and the fp32 inversion fails (the fp64 retry runs)."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(1, d, generator=g, dtype=torch.float64) + 1e-4 * torch.randn(views + 2, b, d, generator=g,
+                                                                                  dtype=torch.float64)
+    return x[:views].float().cuda(), x[views:].float().cuda()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_forward_equals_eager_and_keeps_each_calls_tensors() -> None:
+    """Two forwards through one captured graph before either backward (the second replay
+    overwrites the graph's buffers): each gets the eager loss and gradient; a view whose
+    fp32 inversion fails is still redone in fp64 after the replay."""
+    from kernels.loss import MvebLossFunction
+    from kernels.triton_ops import TritonOps
+
+    graphed, eager = TritonOps(), TritonOps(graphs=False)
+    cases = [tuple(x.detach().cuda() for x in make_views(kind, 8, 128, 2048, seed=i, dtype=torch.float32))
+             for i, kind in enumerate(["random", "clustered"])] + [_near_duplicates(8, 128, 2048)]
+
+    def loss_and_input(ops: TritonOps, online: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        o = online.clone().requires_grad_()
+        return MvebLossFunction.apply(o, targets, LAM, 0.01, 0.1, ops)[0], o
+
+    got = [loss_and_input(graphed, *c) for c in cases]
+    for loss, _ in got:
+        loss.backward()
+    assert len(graphed.graphs._graphs) == 1
+    for (loss, o), case in zip(got, cases):
+        want, o_eager = loss_and_input(eager, *case)
+        want.backward()
+        assert torch.isfinite(loss) and abs(loss.item() - want.item()) <= 1e-6 * max(1.0, abs(want.item()))
+        assert rel(o.grad, o_eager.grad) <= 1e-5
+    ref = mveb_loss(cases[2][0].double(), cases[2][1].double(), impl="reference")
+    assert abs(got[2][0].item() - ref.item()) <= 1e-4 * max(1.0, abs(ref.item()))
+
+
+@pytest.mark.gpu
+def test_cuda_solve_path_matches_inverse_path_without_graph() -> None:
+    """B=2048 takes the per-view Cholesky solve (no graph); its loss matches the inverse path."""
+    from kernels.loss import MvebLossFunction
+    from kernels.triton_ops import TritonOps
+
+    online, targets = (x.detach().cuda() for x in make_views("clustered", 4, 2048, 256, seed=3, dtype=torch.float32))
+    ops = TritonOps()
+    solve = MvebLossFunction.apply(online, targets, LAM, 0.01, 0.1, ops)[0]
+    inverse = MvebLossFunction.apply(online, targets, LAM, 0.01, 0.1, TritonOps(solve_min_b=10**9))[0]
+    assert not ops.graphs._graphs
+    assert abs(solve.item() - inverse.item()) <= 1e-5 * max(1.0, abs(inverse.item()))
 
 
 if __name__ == "__main__":
