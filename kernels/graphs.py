@@ -8,7 +8,8 @@ so the measured time is the host's. A captured graph replays the whole chain wit
 warm-up on a side stream, which also compiles the Triton kernels), then copies the inputs
 into the graph's static buffers and replays. The outputs are the graph's static buffers:
 the next replay for the same key overwrites them, so the caller clones what must outlive
-that. fn must not sync with the host (a sync is not allowed while capturing).
+that. fn must not sync with the host (a sync is not allowed while capturing); a capture
+that fails raises GraphCaptureError, so the caller can go on without graphs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from dataclasses import dataclass
 from typing import Callable, Hashable
 
 import torch
+
+
+class GraphCaptureError(RuntimeError):
+    """CUDA refused to capture the function (the eager path still works)."""
 
 
 @dataclass
@@ -62,7 +67,10 @@ def _capture(fn: Callable[..., tuple[torch.Tensor, ...]], inputs: tuple[torch.Te
             fn(*static)
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: a DataLoader's pin-memory thread may call CUDA while this thread captures.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            outputs = fn(*static)
+        try:
+            # thread_local: a DataLoader's pin-memory thread may call CUDA while this thread captures.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                outputs = fn(*static)
+        except RuntimeError as e:
+            raise GraphCaptureError(str(e)) from e
     return _Captured(graph, static, tuple(outputs))

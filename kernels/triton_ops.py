@@ -13,11 +13,13 @@ compare at 1e-10.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 
 from kernels import triton_kernels as tk
-from kernels.graphs import GraphCache
+from kernels.graphs import GraphCache, GraphCaptureError
 from kernels.torch_ops import SOLVE_MIN_B, TorchOps, ieee_fp32_matmul
 
 # Small tiles keep the interpreter (TRITON_INTERPRET=1, CPU tests) fast; GPUs get real tiles.
@@ -51,8 +53,14 @@ class TritonOps(TorchOps):
                 or b >= self.solve_min_b or torch.cuda.is_current_stream_capturing()):
             return super().forward_core(online, targets, dtype, eta, min_tau)
         key = (tuple(online.shape), online.dtype, targets.dtype, online.device, eta, min_tau)
-        outputs = self.graphs.run(key, lambda o, t: TorchOps.forward_core(self, o, t, dtype, eta, min_tau),
-                                  (online, targets))
+        try:
+            outputs = self.graphs.run(key, lambda o, t: TorchOps.forward_core(self, o, t, dtype, eta, min_tau),
+                                      (online, targets))
+        except GraphCaptureError as e:
+            warnings.warn(f"mveb_loss: CUDA graph capture failed, launching kernels one by one from now on ({e})",
+                          RuntimeWarning, stacklevel=2)
+            self.graphs = None
+            return super().forward_core(online, targets, dtype, eta, min_tau)
         # The next replay overwrites the graph's buffers; callers keep these (autograd saves some).
         return tuple(x.clone() for x in outputs)
 
