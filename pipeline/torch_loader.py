@@ -193,8 +193,9 @@ class TorchMultiCropLoader:
             raise UsageError(f"{len(self.samples)} images make no full batch of {batch_size} on each of "
                              f"{world_size} ranks; lower the batch size")
         self._dataset = _MultiCropDataset(self.samples, recipe, seed)
-        self._mean = torch.tensor(recipe.mean, device=self.device).view(1, 3, 1, 1) * 255
-        self._inv_std = 1 / (torch.tensor(recipe.std, device=self.device).view(1, 3, 1, 1) * 255)
+        # (x - 255 mean) / (255 std) as one in-place multiply-add: x * scale + shift.
+        self._scale = 1 / (torch.tensor(recipe.std, device=self.device).view(1, 3, 1, 1) * 255)
+        self._shift = -torch.tensor(recipe.mean, device=self.device).view(1, 3, 1, 1) * 255 * self._scale
 
     def __len__(self) -> int:
         per_rank = -(-len(self.samples) // self.world_size)
@@ -226,7 +227,7 @@ class TorchMultiCropLoader:
 
     def _finish(self, views: torch.Tensor) -> torch.Tensor:
         x = views.to(self.device, non_blocking=True).float()
-        x = (x - self._mean) * self._inv_std
+        x.mul_(self._scale).add_(self._shift)
         return x.to(self.dtype).contiguous(memory_format=torch.channels_last)
 
     def __iter__(self) -> Iterator[MultiCropBatch]:
