@@ -11,9 +11,16 @@ the pipeline stays small beside the training step it shares the GPU with:
    contrast, saturation and hue are 1, 1, 1, 0 when the sample draws no jitter, and the
    saturation is multiplied by 0 when it draws grayscale (desaturating through the
    Y = .299 R + .587 G + .114 B axis, the weights of torchvision's grayscale);
-3. blur / solarize only for the samples whose coin flip says so (DALI conditionals, so a
-   view with blur p=0.1 blurs a tenth of the batch, not the whole batch);
+3. blur: by default every sample of a view with 0 < p < 1 goes through one
+   `gaussian_blur` whose per-sample sigma is the drawn one, or a tiny sigma whose
+   3-tap window is exactly [0, 1, 0] (an identity) for samples that drew no blur; with
+   `DALITuning(blur="conditional")` only the drawn samples are blurred (a DALI
+   conditional splits and merges the batch). Solarize is a conditional lookup table;
 4. `crop_mirror_normalize`: flip, (x - 255 mean) / (255 std), cast to fp16/fp32, HWC.
+
+Per-sample parameters are small CPU ops, and DALI pays per sample per op (about 1 us
+per sample and op measured on this project's CPU machine, the same for a scalar as for a
+vector), so the graph draws each parameter with as few ops as it can.
 
 Mapping of torchvision's ColorJitter(brightness=b, contrast=c, saturation=s, hue=h):
 factors are drawn exactly as torchvision draws them (uniform in [max(0, 1-x), 1+x], hue
@@ -29,16 +36,58 @@ sigma) approximates one with box filters.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.data_node import DataNode
-from nvidia.dali.pipeline import Pipeline
+from nvidia.dali.pipeline import OperatorConcurrency, Pipeline, StreamPolicy
 
 from .recipe import MultiCropRecipe, ViewSpec
 
 OUTPUT_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
+
+# (operator concurrency, CUDA stream policy) of DALI's executor for each `concurrency`.
+_CONCURRENCY = {"backend": (OperatorConcurrency.BACKEND, StreamPolicy.PER_BACKEND),
+                "full": (OperatorConcurrency.FULL, StreamPolicy.PER_OPERATOR)}
+
+
+@dataclass(frozen=True)
+class DALITuning:
+    """How the graph runs, never what it computes: no knob changes an output's statistics.
+
+    The defaults are best guesses for a Hopper GPU with 16 cores; measure others with a
+    sweep (images/s per setting) before changing them.
+    """
+
+    # Share of JPEGs sent to the GPU's hardware JPEG decoders; the rest are Huffman-decoded
+    # on the CPU threads with the IDCT on the GPU. DALI's default, 0.65, was tuned on an
+    # A100 (5 decoder engines; Hopper has 7) and leaves more work to the CPU threads, which
+    # also run the per-sample parameter ops and share the host with the trainer.
+    hw_decoder_load: float = 0.8
+    # Batches DALI runs ahead of the trainer: a third absorbs a slow batch (a cluster of
+    # large JPEGs) for one more batch of GPU memory (about 120 MB at B=256, fp16).
+    prefetch: int = 3
+    # "backend": DALI's default, one operator at a time per backend (CPU, GPU). "full": the
+    # views' independent chains run their ops concurrently, each chain on its own stream.
+    concurrency: str = "backend"
+    # "always": one blur per view over the whole batch, undrawn samples with an identity
+    # window (no batch split); "conditional": DALI splits the batch and blurs the drawn part.
+    blur: str = "always"
+    # Samples per resampling kernel launch of each crop; 0 = the whole batch in one launch
+    # (DALI's default, 32, launches 8 small kernels per view at B=256).
+    resize_minibatch: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise ValueError(f"hw_decoder_load must be within [0, 1], got {self.hw_decoder_load}")
+        if self.prefetch < 1 or self.resize_minibatch < 0:
+            raise ValueError("prefetch must be at least 1 and resize_minibatch at least 0")
+        if self.concurrency not in _CONCURRENCY:
+            raise ValueError(f"concurrency must be one of {', '.join(_CONCURRENCY)}, got {self.concurrency!r}")
+        if self.blur not in ("always", "conditional"):
+            raise ValueError(f"blur must be 'always' or 'conditional', got {self.blur!r}")
 
 
 def _draw(p: float) -> DataNode:
@@ -50,8 +99,8 @@ def _factor(strength: float, applied: DataNode) -> DataNode | float:
     """torchvision's jitter factor for `strength` where `applied`, else 1 (no change)."""
     if strength <= 0:
         return 1.0
-    f = fn.random.uniform(range=[max(0.0, 1.0 - strength), 1.0 + strength])
-    return 1.0 + applied * (f - 1.0)
+    # 1 + (f - 1) with f uniform in [max(0, 1 - s), 1 + s], drawn as f - 1 (one op fewer).
+    return 1.0 + applied * fn.random.uniform(range=[max(0.0, 1.0 - strength) - 1.0, strength])
 
 
 def _with_probability(x: DataNode, p: float, op: Callable[[DataNode], DataNode]) -> DataNode:
@@ -68,24 +117,38 @@ def _colour(x: DataNode, r: MultiCropRecipe) -> DataNode:
     if r.jitter_p <= 0 and r.grayscale_p <= 0:
         return x
     jitter = _draw(r.jitter_p)
-    keep_colour = 1.0 - _draw(r.grayscale_p)
+    saturation = _factor(r.saturation, jitter)
+    if r.grayscale_p > 0:
+        saturation = saturation * _draw(1.0 - r.grayscale_p)  # 0: desaturate to grey
     hue = 0.0
     if r.hue > 0:
         hue = jitter * fn.random.uniform(range=[-r.hue * 360.0, r.hue * 360.0])
     return fn.color_twist(x, brightness=_factor(r.brightness, jitter), contrast=_factor(r.contrast, jitter),
-                          saturation=_factor(r.saturation, jitter) * keep_colour, hue=hue)
+                          saturation=saturation, hue=hue)
+
+
+def _blur(x: DataNode, p: float, r: MultiCropRecipe, mode: str) -> DataNode:
+    lo, hi = r.blur_sigma
+    if p <= 0.0 or p >= 1.0 or mode == "conditional":
+        return _with_probability(x, p, lambda v: fn.gaussian_blur(v, sigma=fn.random.uniform(range=[lo, hi])))
+    # sigma = eps where the sample drew no blur: its window is 2 ceil(3 eps) + 1 = 3 taps of
+    # weights exp(-1 / (2 eps^2)) = 0 (underflow), 1, 0, so the sample passes unchanged.
+    # Blurred samples get eps + U[lo - eps, hi - eps] = U[lo, hi].
+    eps = min(0.01, lo / 2)
+    return fn.gaussian_blur(x, sigma=eps + _draw(p) * fn.random.uniform(range=[lo - eps, hi - eps]))
 
 
 def _solarize_table(threshold: int) -> list[int]:
     return [v if v < threshold else 255 - v for v in range(256)]
 
 
-def _view(image: DataNode, spec: ViewSpec, r: MultiCropRecipe, out_dtype: types.DALIDataType) -> DataNode:
+def _view(image: DataNode, spec: ViewSpec, r: MultiCropRecipe, out_dtype: types.DALIDataType,
+          tuning: DALITuning, batch_size: int) -> DataNode:
     x = fn.random_resized_crop(image, size=[spec.size, spec.size], random_area=list(spec.scale),
-                               random_aspect_ratio=list(r.ratio), interp_type=types.INTERP_CUBIC, antialias=True)
+                               random_aspect_ratio=list(r.ratio), interp_type=types.INTERP_CUBIC, antialias=True,
+                               minibatch_size=tuning.resize_minibatch or batch_size)
     x = _colour(x, r)
-    x = _with_probability(x, spec.blur_p,
-                          lambda v: fn.gaussian_blur(v, sigma=fn.random.uniform(range=list(r.blur_sigma))))
+    x = _blur(x, spec.blur_p, r, tuning.blur)
     x = _with_probability(x, spec.solarize_p,
                           lambda v: fn.lookup_table(v, keys=list(range(256)),
                                                     values=_solarize_table(r.solarize_threshold),
@@ -97,7 +160,8 @@ def _view(image: DataNode, spec: ViewSpec, r: MultiCropRecipe, out_dtype: types.
 
 @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
 def _multicrop(file_list: str, recipe: MultiCropRecipe, decode_device: str, out_dtype: types.DALIDataType,
-               shard_id: int, num_shards: int, shuffle_buffer: int) -> tuple[DataNode, ...]:
+               shard_id: int, num_shards: int, shuffle_buffer: int, tuning: DALITuning,
+               views_batch: int) -> tuple[DataNode, ...]:
     # random_shuffle: DALI first permutes the whole list with a fixed seed (so the ranks'
     # shards are disjoint whatever their seeds), then each rank draws from a buffer of
     # `shuffle_buffer` files with its own seed, a new order every epoch. pad_last_batch
@@ -105,20 +169,23 @@ def _multicrop(file_list: str, recipe: MultiCropRecipe, decode_device: str, out_
     jpegs, labels = fn.readers.file(file_list=file_list, file_root="", shard_id=shard_id, num_shards=num_shards,
                                     random_shuffle=True, initial_fill=shuffle_buffer, pad_last_batch=True,
                                     stick_to_shard=True)
-    image = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-    return (*[_view(image, spec, recipe, out_dtype) for spec in recipe.views()], labels)
+    hw = {"hw_decoder_load": tuning.hw_decoder_load} if decode_device == "mixed" else {}
+    image = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, **hw)
+    return (*[_view(image, spec, recipe, out_dtype, tuning, views_batch) for spec in recipe.views()], labels)
 
 
 def build_pipeline(file_list: str, recipe: MultiCropRecipe, batch_size: int, *, device_id: int | None,
                    dtype: types.DALIDataType, seed: int, shard_id: int, num_shards: int, threads: int,
-                   checkpoint: bytes | None = None) -> Pipeline:
+                   checkpoint: bytes | None = None, tuning: DALITuning = DALITuning()) -> Pipeline:
     """A built multi-crop pipeline; outputs are the V views (HWC) then the labels.
 
     device_id None runs everything on DALI's CPU backend. `checkpoint` (from
     `Pipeline.checkpoint()`) restores the reader position and every random generator.
     """
+    concurrency, streams = _CONCURRENCY[tuning.concurrency]
     pipe = _multicrop(file_list, recipe, "cpu" if device_id is None else "mixed", dtype, shard_id, num_shards,
-                      max(1024, 4 * batch_size), batch_size=batch_size, num_threads=threads,
-                      device_id=device_id, seed=seed, checkpoint=checkpoint)
+                      max(1024, 4 * batch_size), tuning, batch_size, batch_size=batch_size, num_threads=threads,
+                      device_id=device_id, seed=seed, checkpoint=checkpoint, prefetch_queue_depth=tuning.prefetch,
+                      concurrency=concurrency, stream_policy=streams)
     pipe.build()
     return pipe

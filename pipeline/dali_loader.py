@@ -33,7 +33,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from mveb.errors import UsageError
 
 from .batch import MultiCropBatch, check_loader_args
-from .dali_graph import OUTPUT_DTYPES, build_pipeline
+from .dali_graph import OUTPUT_DTYPES, DALITuning, build_pipeline
 from .images import Sample, list_image_folder
 from .recipe import MultiCropRecipe
 from .torch_loader import resolve_samples
@@ -113,17 +113,21 @@ class DALIMultiCropLoader:
     `workers`: DALI CPU threads (default: the cores this process may use; under DDP give
     each rank its share of the node's cores). `drop_last=False` ends each epoch with the
     shard's partial batch, so ranks may then differ by one batch: for evaluation passes.
+    `tuning`: how DALI runs the graph (decoder split, prefetch, concurrency, ...); it
+    changes speed, never the outputs' statistics.
     """
 
     def __init__(self, data: DataSource, recipe: MultiCropRecipe, batch_size: int, *,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, workers: int | None = None, drop_last: bool = True) -> None:
+                 rank: int = 0, world_size: int = 1, workers: int | None = None, drop_last: bool = True,
+                 tuning: DALITuning | None = None) -> None:
         check_loader_args(batch_size, rank, world_size)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise UsageError(f"the DALI loader yields float32, float16 or bfloat16, not {dtype}")
         self.device = _torch_device(device)
         self.recipe, self.batch_size, self.dtype = recipe, batch_size, dtype
         self.seed, self.rank, self.world_size, self.drop_last = seed, rank, world_size, drop_last
+        self.tuning = tuning or DALITuning()
         self.workers = workers or len(os.sched_getaffinity(0))
         self.samples, self.skipped = resolve_dali_samples(data, self.workers)
         if self.skipped:
@@ -154,7 +158,7 @@ class DALIMultiCropLoader:
                 self._file_list, self.recipe, self.batch_size,
                 device_id=self.device.index if self.device.type == "cuda" else None,
                 dtype=OUTPUT_DTYPES[self._copy_dtype], seed=self.seed + self.rank, shard_id=self.rank,
-                num_shards=self.world_size, threads=self.workers, checkpoint=self._checkpoint)
+                num_shards=self.world_size, threads=self.workers, checkpoint=self._checkpoint, tuning=self.tuning)
             self._checkpoint = None
         return self._pipe
 

@@ -18,6 +18,7 @@ from PIL import Image
 
 from mveb.errors import UsageError
 from pipeline.batch import MultiCropBatch
+from pipeline.dali_graph import DALITuning
 from pipeline.dali_loader import DALIMultiCropLoader
 from pipeline.images import list_image_folder, open_rgb
 from pipeline.recipe import MultiCropRecipe
@@ -99,6 +100,27 @@ def test_each_op_fires_at_its_views_rate(photo_train: Path) -> None:
     misses = [torch.equal(b, a) for b, a in zip(second, first)]
     assert all(h != m for h, m in zip(hits, misses))  # each sample: exactly solarized, or untouched
     assert 0.3 < sum(hits) / len(hits) < 0.7
+
+
+@pytest.mark.parametrize("blur", ["always", "conditional"])
+def test_blur_leaves_undrawn_samples_untouched(photo_train: Path, blur: str) -> None:
+    # "always" blurs every sample, the undrawn ones with an identity window: they must
+    # come out bit-identical, as the conditional graph leaves them.
+    recipe = replace(IDENTITY, global_blur_p=(0.0, 0.5))
+    loader = DALIMultiCropLoader(photo_train, recipe, 64, tuning=DALITuning(blur=blur))
+    first, second = next(iter(loader)).global_views.chunk(2)
+    untouched = [torch.equal(a, b) for a, b in zip(first, second)]
+    assert 0.3 < sum(untouched) / len(untouched) < 0.7
+    blurred = [(a - b).abs().mean() for a, b, same in zip(first, second, untouched) if not same]
+    assert min(blurred) > 0.05  # a real blur, not rounding noise
+
+
+def test_tuning_changes_speed_not_outputs(indexed: list[tuple[str, int]]) -> None:
+    ref = next(iter(DALIMultiCropLoader(indexed, RECIPE, 8, seed=3)))
+    other = DALITuning(hw_decoder_load=0.3, prefetch=1, concurrency="full", resize_minibatch=3)
+    assert _same(next(iter(DALIMultiCropLoader(indexed, RECIPE, 8, seed=3, tuning=other))), ref)
+    with pytest.raises(ValueError, match="concurrency"):
+        DALITuning(concurrency="some")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
