@@ -54,6 +54,8 @@ class Result:
     steps: int = 0
     launches: int | None = None
     syncs: int | None = None
+    gpu_ms: float | None = None
+    top_kernels: list[tuple[str, float]] | None = None
     skipped: str | None = None
 
 
@@ -92,13 +94,13 @@ def bench_one(impl: str, b: int, d: int, views: int, dtype: torch.dtype, device:
         step()
         peak = _peak_mib(step, device)
         times = _time(step, device, seconds)
-        launches, syncs = _host_calls(step, device)
+        profiled = _profile(step, device)
     except torch.OutOfMemoryError:
         return Result(impl, b, skipped="out of memory")
     finally:
         online.grad = None
     return Result(impl, b, ms=statistics.median(times), ms_min=min(times), peak_mib=peak, steps=len(times),
-                  launches=launches, syncs=syncs)
+                  **profiled)
 
 
 def _loss_fn(impl: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -111,18 +113,24 @@ def _loss_fn(impl: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     return lambda online, targets: MvebLossFunction.apply(online, targets, 0.01, 0.01, 0.1, ops)[0]
 
 
-def _host_calls(step: Callable[[], None], device: torch.device) -> tuple[int | None, int | None]:
-    """(launch calls, syncs) the host makes in one step, from the profiler's CUDA API events.
-    A step whose time is far above its kernels' is paying for these, not for the GPU."""
+def _profile(step: Callable[[], None], device: torch.device) -> dict:
+    """One profiled step on CUDA: the host's launch calls and syncs (CUDA API events), the
+    GPU's busy time (kernels, copies, fills) and its longest kernels. A step whose ms is far
+    above gpu_ms is paying for the host's launches and syncs, not for GPU work."""
     if device.type != "cuda":
-        return None, None
+        return {}
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
-    names = [e.name for e in prof.events()]
-    return sum(n in LAUNCH_CALLS for n in names), sum(n in SYNC_CALLS for n in names)
+    events = prof.events()
+    names = [e.name for e in events]
+    gpu = sorted(((e.name, e.time_range.elapsed_us()) for e in events if e.device_type == DeviceType.CUDA),
+                 key=lambda x: -x[1])
+    return {"launches": sum(n in LAUNCH_CALLS for n in names), "syncs": sum(n in SYNC_CALLS for n in names),
+            "gpu_ms": sum(us for _, us in gpu) / 1e3, "top_kernels": [(n[:80], round(us, 1)) for n, us in gpu[:8]]}
 
 
 def _skip_reason(impl: str, b: int, d: int, device: torch.device) -> str | None:
@@ -186,19 +194,21 @@ def _vm_kib(field: str) -> int:
 def format_table(results: list[Result], device: torch.device, args: argparse.Namespace) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     lines = [f"MVEB loss fwd+bwd, {args.views} views, D={args.dim}, {args.dtype} inputs, {name}",
-             "| B | impl | ms/step (median) | ms (min) | peak MiB | vs reference | launches | syncs | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| B | impl | ms/step (median) | ms (min) | peak MiB | vs reference | GPU busy ms | launches | syncs | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     ref = {r.batch: r.ms for r in results if r.impl == "reference" and r.ms}
     for r in results:
         if r.skipped:
-            lines.append(f"| {r.batch} | {r.impl} | - | - | - | - | - | - | skipped: {r.skipped} |")
+            lines.append(f"| {r.batch} | {r.impl} | - | - | - | - | - | - | - | skipped: {r.skipped} |")
             continue
         speed = f"{ref[r.batch] / r.ms:.2f}x" if r.batch in ref else "-"
         peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "n/a"
-        calls = " | ".join("-" if c is None else str(c) for c in (r.launches, r.syncs))
+        gpu = "-" if r.gpu_ms is None else f"{r.gpu_ms:.3f}"
+        calls = " | ".join("-" if c is None else str(c) for c in (gpu, r.launches, r.syncs))
         lines.append(f"| {r.batch} | {r.impl} | {r.ms:.3f} | {r.ms_min:.3f} | {peak} | {speed} | {calls} | {r.steps} steps |")
-    lines.append("launches / syncs: host calls per step that start device work (kernels, graph replays, "
-                 "copies, fills) / that wait for the device (CUDA only).")
+    lines.append("GPU busy ms: kernel, copy and fill time of one profiled step; launches / syncs: host calls per "
+                 "step that start device work (kernels, graph replays, copies, fills) / that wait for the device "
+                 "(CUDA only; the JSON lists each case's longest kernels).")
     return "\n".join(lines)
 
 
