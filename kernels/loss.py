@@ -74,6 +74,6 @@ def entropy_score_batched(x: torch.Tensor, eta: float, min_tau: float, ops: Torc
     """-M X for unit rows x [V, B, D], computed in fp32 (fp64 for fp64 input)."""
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         z = x.to(compute_dtype(x))
-        y, ms, tau, info = ops.score(z, ops.gram(z), eta, min_tau)
+        y, ms, tau, info = ops.score(z, eta, min_tau)
         y, _ = redo_failed_fp64(z, y, ms, tau, info, eta)
         return -y

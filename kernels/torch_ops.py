@@ -45,7 +45,9 @@ def view_weights(views: int, dtype: torch.dtype, device: torch.device) -> torch.
     return w.to(device)
 
 
-# Measured on an H200 (8 views, D=2048): the inverse path wins 2x at B=1024 and loses at 4096.
+# H200, 8 views, D=2048: with the inverse path the loss ran 2x faster than the reference at
+# B=1024 and slower at B=4096. `mveb bench kernels` times triton-solve (the solve at every B)
+# beside it, to place this crossover.
 SOLVE_MIN_B = 2048
 
 
@@ -64,15 +66,18 @@ class TorchOps:
         """(z, norms, t, rowdot, y, ms, tau, info): everything of the forward that needs no
         host sync (info != 0 marks the views the caller must redo in fp64)."""
         z, norms, t, rowdot = self.normalize_align(online, targets, dtype)
-        y, ms, tau, info = self.score(z, self.gram(z), eta, min_tau)
+        y, ms, tau, info = self.score(z, eta, min_tau)
         return z, norms, t, rowdot, y, ms, tau, info
 
     def score(
-        self, z: torch.Tensor, s: torch.Tensor, eta: float, min_tau: float
+        self, z: torch.Tensor, eta: float, min_tau: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(Y = M Z = -score [V, B, D], row sums of M * S = <y_b, z_b> [V, B], tau [V], info [V])."""
+        """(Y = M Z = -score [V, B, D], row sums of M * S = <y_b, z_b> [V, B], tau [V], info [V])
+        for unit rows z [V, B, D]."""
+        s = self.gram(z)
         a, r, tau = self.kernel_matrix(s, eta, min_tau)
         if z.shape[1] >= self.solve_min_b:
+            del s  # B x B per view: at B=4096 the largest buffer, and the solve no longer needs it
             y, info = self.solve(a, z * (r / tau[:, None])[..., None])
             return y, (y * z).sum(dim=-1), tau, info
         p, info = self.spd_inverse(a)
@@ -114,8 +119,15 @@ class TorchOps:
         """(A, r, tau): tau = max(min_tau, 1 - k-th smallest of S), k = B*B // 2, then exp_kernel."""
         flat = s.flatten(1)
         k = flat.shape[1] // 2
-        # On CUDA a full sort is faster than kthvalue (0.10 vs 0.28 ms, 8 x 256^2, H200).
-        kth = flat.sort(dim=1).values[:, k - 1] if flat.is_cuda else flat.kthvalue(k, dim=1).values
+        if not flat.is_cuda:
+            kth = flat.kthvalue(k, dim=1).values
+        elif s.shape[-1] < self.solve_min_b:
+            # On CUDA a full sort is faster than kthvalue (0.10 vs 0.28 ms, 8 x 256^2, H200).
+            kth = flat.sort(dim=1).values[:, k - 1]
+        else:
+            # One view at a time, as the reference: the batched sort's values and int64
+            # indices of all views at once are 1.5 GiB at B=4096.
+            kth = torch.stack([row.sort().values[k - 1] for row in flat])
         tau = (1 - kth).clamp_min(min_tau)
         return *self.exp_kernel(s, tau, eta), tau
 

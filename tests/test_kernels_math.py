@@ -254,7 +254,7 @@ def test_failed_fp32_cholesky_is_retried_in_fp64(solve_min_b: int) -> None:
     a, _, _ = TorchOps().kernel_matrix(s32, ETA, MIN_TAU)
     _, info = torch.linalg.cholesky_ex(a)
     assert info.item() != 0
-    y, ms, tau, info = TorchOps(solve_min_b).score(z, s32, ETA, MIN_TAU)
+    y, ms, tau, info = TorchOps(solve_min_b).score(z, ETA, MIN_TAU)
     assert info.item() != 0
     y, ms = redo_failed_fp64(z, y, ms, tau, info, ETA)
     assert tau.item() == pytest.approx(MIN_TAU)
