@@ -71,7 +71,8 @@ def bench_all(device: str, data: str | None, out: Path) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine(), "device": str(dev)}
     loader_b, step_b = (256, 256) if gpu else (32, 8)
     _part("loader", ["bench", "loader", "--data", data, "--backends", "dali,ffcv,torch", "--device", dev.type,
-                     "--batch-size", str(loader_b), "--seconds", "15" if gpu else "10"], out / "loader.json", results)
+                     "--batch-size", str(loader_b), "--seconds", "15" if gpu else "10",
+                     "--dtype", "bf16" if gpu else "fp32"], out / "loader.json", results)
     _part("kernels", ["bench", "kernels", "--device", dev.type] + ([] if gpu else ["--batch-sizes", "128,256"]),
           out / "kernels.json", results)
     if gpu:  # the official batch (vs the official-style step) and the fast-path batch (vs DALI-fed)

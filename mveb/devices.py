@@ -1,10 +1,14 @@
-"""One reading of a `--device` option, shared by every subcommand."""
+"""One reading of `--device` and `--dtype` options, shared by every subcommand."""
 
 from __future__ import annotations
 
 import torch
 
 from mveb.errors import UsageError
+
+
+# Names of the dtypes a command may be asked for: fp32, or an AMP dtype.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:

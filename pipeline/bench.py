@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from mveb.devices import DTYPES
 from mveb.errors import UsageError
 
 from .images import usable_cpus
@@ -75,7 +76,8 @@ def _prepare_data(backend: str, data: str, workers: int | None) -> str:
 
 
 def bench_backend(backend: str, data: str, recipe: MultiCropRecipe, batch_size: int, workers: int | None,
-                  seconds: float, device: torch.device, warmup_s: float) -> dict[str, Any]:
+                  seconds: float, device: torch.device, warmup_s: float,
+                  dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     row: dict[str, Any] = {"backend": backend}
     try:
         loader_class(backend)
@@ -87,7 +89,7 @@ def bench_backend(backend: str, data: str, recipe: MultiCropRecipe, batch_size: 
         row["setup_s"] = round(time.perf_counter() - t, 3)
 
         t = time.perf_counter()
-        loader = build_loader(backend, source, recipe, batch_size, device=device, seed=0, workers=workers)
+        loader = build_loader(backend, source, recipe, batch_size, device=device, dtype=dtype, seed=0, workers=workers)
         batches = iter(loader)
         next(batches)
         _sync(device)
@@ -126,7 +128,7 @@ def bench_backend(backend: str, data: str, recipe: MultiCropRecipe, batch_size: 
 
 def bench_loaders(data: str | Path, backends: list[str], batch_size: int = 64, workers: int | None = None,
                   seconds: float = 20.0, device: str = "cpu", recipe: MultiCropRecipe = DEFAULT_RECIPE,
-                  warmup_s: float | None = None) -> dict[str, Any]:
+                  warmup_s: float | None = None, dtype: str = "fp32") -> dict[str, Any]:
     """{"results": [{"backend", "images_per_s", "compile_s", ...}], ...} for `backends` on `data`."""
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
@@ -138,9 +140,12 @@ def bench_loaders(data: str | Path, backends: list[str], batch_size: int = 64, w
         raise UsageError("--device cuda but CUDA is not available here; use --device cpu")
     data = str(data)
     check_data("torch" if not data.endswith(".beton") else "ffcv", data)
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}; use {', '.join(DTYPES)}")
     warmup_s = min(5.0, seconds / 4) if warmup_s is None else warmup_s
-    results = [bench_backend(b, data, recipe, batch_size, workers, seconds, dev, warmup_s) for b in backends]
-    return {"results": results, "data": data, "device": str(dev), "batch_size": batch_size,
+    results = [bench_backend(b, data, recipe, batch_size, workers, seconds, dev, warmup_s, DTYPES[dtype])
+               for b in backends]
+    return {"results": results, "data": data, "device": str(dev), "dtype": dtype, "batch_size": batch_size,
             "workers": workers or usable_cpus(), "cpu_count": os.cpu_count(), "seconds": seconds,
             "views": f"{recipe.n_global}x{recipe.global_size}+{recipe.n_local}x{recipe.local_size}",
             "recipe": recipe.to_dict()}
@@ -162,9 +167,9 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def bench_loader_command(data: str, backends: str, batch_size: int, workers: int | None, seconds: float,
-                         device: str, json_path: str | None) -> int:
+                         device: str, json_path: str | None, dtype: str = "fp32") -> int:
     report = bench_loaders(data, [b.strip() for b in backends.split(",") if b.strip()], batch_size, workers,
-                           seconds, device)
+                           seconds, device, dtype=dtype)
     print(format_table(report))
     if json_path:
         write_atomic(json_path, json.dumps(report, indent=1) + "\n")
