@@ -91,16 +91,17 @@ def test_uninterrupted_run_logs_every_step(uninterrupted: Path) -> None:
 @pytest.mark.slow
 def test_sigterm_then_resume_matches_uninterrupted(uninterrupted: Path, tiny_train: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
+    # One DataLoader worker process: SLURM signals the whole process group, workers included.
     cmd = [sys.executable, "-m", "mveb", "pretrain", "--config", "demo", "--data", str(tiny_train), "--out", str(run),
-           "--steps", str(STEPS), *TINY]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+           "--steps", str(STEPS), *TINY, "data.workers=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
     while not ((run / "metrics.jsonl").exists() and len(_metrics(run)) >= 2):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the run never reached step 2"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "preempted" in out

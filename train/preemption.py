@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import signal
 import sys
+from contextlib import contextmanager
 from types import FrameType
-from typing import Any
+from typing import Any, Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
@@ -36,3 +37,19 @@ class PreemptionFlag:
     @property
     def requested(self) -> bool:
         return self.signal is not None
+
+    @staticmethod
+    @contextmanager
+    def shield_children() -> Iterator[None]:
+        """Block the signals while loader worker processes may be forked.
+
+        SLURM signals every process of a job step, DataLoader workers included, and a
+        worker killed by SIGTERM/SIGUSR2 makes the trainer raise mid-step. Children forked
+        here inherit the blocked mask and never see the signal; the trainer gets it as soon
+        as the block lifts, and shuts its workers down itself.
+        """
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -108,7 +108,7 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
             got_batch = False
             while step < stop:
                 t0 = time.perf_counter()
-                with trainer.timer("data_wait"):
+                with trainer.timer("data_wait"), preemption.shield_children():
                     batch = next(batches, None)
                 if batch is None:
                     break
