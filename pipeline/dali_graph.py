@@ -63,11 +63,12 @@ class DALITuning:
 
     # Share of JPEGs sent to the GPU's hardware JPEG decoders; the rest are Huffman-decoded
     # on the CPU threads with the IDCT on the GPU. DALI's default, 0.65, was tuned on an
-    # A100 (5 decoder engines; Hopper has 7) and leaves more work to the CPU threads, which
-    # also run the per-sample parameter ops and share the host with the trainer.
+    # A100 (a 5-core hardware decoder; an H100/H200 has 7 NVJPG engines) and leaves more
+    # work to the CPU threads, which also run the per-sample parameter ops and share the
+    # host with the trainer.
     hw_decoder_load: float = 0.8
     # Batches DALI runs ahead of the trainer: a third absorbs a slow batch (a cluster of
-    # large JPEGs) for one more batch of GPU memory (about 120 MB at B=256, fp16).
+    # large JPEGs) for one more batch of GPU memory (about 240 MB of fp16 views at B=256).
     prefetch: int = 3
     # "backend": DALI's default, one operator at a time per backend (CPU, GPU). "full": the
     # views' independent chains run their ops concurrently, each chain on its own stream.
