@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from kernels import mveb_loss
+from mveb.devices import DTYPES, resolve_device
 from mveb.errors import UsageError
 
 # Variants of the Triton path, to see what each choice is worth at each B:
@@ -41,7 +42,6 @@ SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
 CPU_BATCH_SIZES = (128, 256, 512)
 CPU_LITERAL_BYTES = 256 << 20
 M_MMAP_THRESHOLD = -3
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Result:
 
 
 def run_bench_kernels(args: argparse.Namespace) -> int:
-    device = _device(args.device)
+    device = resolve_device(args.device)
     impls = _parse_impls(args.impls)
     batches = _parse_batches(args.batch_sizes, device)
     if args.views < 2 or args.dim < 1:
@@ -223,17 +223,6 @@ def _write_json(path: str, results: list[Result], device: torch.device, args: ar
         os.replace(tmp, path)
     except OSError as e:
         raise UsageError(f"cannot write --json {path}: {e.strerror}") from e
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda but CUDA is not available here (use --device cpu)")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device must be cuda, cpu or auto, got {name!r}") from e
 
 
 def _parse_impls(text: str) -> list[str]:

@@ -109,11 +109,13 @@ def summary(results: dict[str, Any]) -> str:
     kern = results.get("kernels", {})
     lines += ["", f"## MVEB loss, fwd+bwd, {kern.get('views', 8)} views, D={kern.get('dim', 2048)} (ms)", ""]
     if "results" in kern:
-        lines += ["| B | impl | ms | peak MiB | note |", "|---|---|---|---|---|"]
+        lines += ["| B | impl | ms | GPU busy ms | launches | syncs | peak MiB | note |", "|---|---|---|---|---|---|---|---|"]
+        num = lambda v, f: format(v, f) if v is not None else "-"
         for r in kern["results"]:
             ms = f"{r['ms']:.3f}" if r.get("ms") else "-"
-            peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") is not None else "-"
-            lines.append(f"| {r['batch']} | {r['impl']} | {ms} | {peak} | {r.get('skipped') or ''} |")
+            lines.append(f"| {r['batch']} | {r['impl']} | {ms} | {num(r.get('gpu_ms'), '.3f')} | "
+                         f"{num(r.get('launches'), 'd')} | {num(r.get('syncs'), 'd')} | {num(r.get('peak_mib'), '.0f')} | "
+                         f"{r.get('skipped') or ''} |")
     else:
         lines.append(f"failed: {kern.get('error')}")
     for key in ("step_b128", "step"):
