@@ -33,7 +33,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from mveb.errors import UsageError
 
 from .batch import MultiCropBatch, check_loader_args
-from .dali_graph import OUTPUT_DTYPES, DALITuning, build_pipeline
+from .dali_graph import OUTPUT_DTYPES, DALITuning, build_pipeline, stacks_locals
 from .images import Sample, list_image_folder
 from .recipe import MultiCropRecipe
 from .torch_loader import resolve_samples
@@ -128,6 +128,7 @@ class DALIMultiCropLoader:
         self.recipe, self.batch_size, self.dtype = recipe, batch_size, dtype
         self.seed, self.rank, self.world_size, self.drop_last = seed, rank, world_size, drop_last
         self.tuning = tuning or DALITuning()
+        self._stacked = stacks_locals(recipe, self.tuning)
         self.workers = workers or len(os.sched_getaffinity(0))
         self.samples, self.skipped = resolve_dali_samples(data, self.workers)
         if self.skipped:
@@ -203,6 +204,10 @@ class DALIMultiCropLoader:
                 self._skip_rest_of_epoch(pipe)
             yield batch
 
+    def _nchw(self, buf: torch.Tensor) -> torch.Tensor:
+        # NHWC memory is NCHW with channels_last strides: a view, not a copy.
+        return buf.to(self.dtype).permute(0, 3, 1, 2)
+
     def _views(self, outs: Sequence[Any], first: int, count: int, size: int, real: int) -> torch.Tensor:
         """`count` DALI view outputs as one [count * real, 3, size, size] channels_last tensor."""
         B = self.batch_size
@@ -213,15 +218,28 @@ class DALIMultiCropLoader:
             feed_ndarray(outs[first + i].as_tensor(), buf[i * B:(i + 1) * B], cuda_stream=stream)
         if real < B:  # the shard's last, padded batch (drop_last=False only)
             buf = buf.view(count, B, size, size, 3)[:, :real].reshape(count * real, size, size, 3)
-        # NHWC memory is NCHW with channels_last strides: a view, not a copy.
-        return buf.to(self.dtype).permute(0, 3, 1, 2)
+        return self._nchw(buf)
+
+    def _stacked_views(self, seq: Any, flips: Any, real: int) -> torch.Tensor:
+        """The locals from one [B, n, s, s, 3] output and its [B, n] flips, view-major."""
+        n, s = self.recipe.n_local, self.recipe.local_size
+        out = torch.empty((self.batch_size, n, s, s, 3), dtype=self._copy_dtype, device=self.device)
+        feed_ndarray(seq.as_tensor(), out, cuda_stream=self._stream())
+        flip = torch.from_numpy(flips.as_array()[:real].T.copy()).to(self.device, non_blocking=True)
+        views = out[:real].transpose(0, 1)  # [n, real, s, s, 3]
+        # One pass writes the view-major batch, each view mirrored (W is dim 3) where drawn.
+        views = torch.where(flip[..., None, None, None], views.flip(3), views)
+        return self._nchw(views.reshape(n * real, s, s, 3))
 
     def _to_batch(self, outs: Sequence[Any], real: int) -> MultiCropBatch:
         r = self.recipe
-        labels = torch.from_numpy(outs[r.n_views].as_array().reshape(-1)[:real].astype("int64"))
-        return MultiCropBatch(self._views(outs, 0, r.n_global, r.global_size, real),
-                              self._views(outs, r.n_global, r.n_local, r.local_size, real),
-                              labels.to(self.device, non_blocking=True))
+        globals_ = self._views(outs, 0, r.n_global, r.global_size, real)
+        if self._stacked:
+            locals_ = self._stacked_views(outs[r.n_global], outs[r.n_global + 1], real)
+        else:
+            locals_ = self._views(outs, r.n_global, r.n_local, r.local_size, real)
+        labels = torch.from_numpy(outs[-1].as_array().reshape(-1)[:real].astype("int64"))
+        return MultiCropBatch(globals_, locals_, labels.to(self.device, non_blocking=True))
 
     def state_dict(self) -> dict[str, Any]:
         if self._pipe is not None:

@@ -117,6 +117,38 @@ def test_blur_leaves_undrawn_samples_untouched(photo_train: Path, blur: str, dev
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_stacked_locals_flip_each_view_on_its_own(indexed: list[tuple[str, int]], device: str) -> None:
+    # Whole-image locals with only the flip on: each is the image or its mirror, and the
+    # views of one sample flip independently (all four alike: 1 in 8 samples).
+    recipe = replace(IDENTITY.with_views(1, 32, 4, 16), local_scale=(1.0, 1.0), flip_p=0.5, local_blur_p=0.0)
+    loader = DALIMultiCropLoader(indexed, recipe, 32, device=device, tuning=DALITuning(stack_locals=True))
+    views = next(iter(loader)).local_views.cpu().view(4, 32, 3, 16, 16)
+    first = views[0]
+    same = torch.stack([(v == first).flatten(1).all(1) for v in views[1:]])
+    mirrored = torch.stack([(v == first.flip(-1)).flatten(1).all(1) for v in views[1:]])
+    assert (same | mirrored).all()
+    assert 0.25 < mirrored.float().mean() < 0.75
+    assert same.all(0).float().mean() < 0.4
+
+
+def _group_stats(batches: list[MultiCropBatch], name: str) -> torch.Tensor:
+    x = torch.cat([getattr(b, name) for b in batches]).float()
+    return torch.cat([x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)), (x[..., 1:] - x[..., :-1]).abs().mean().view(1)])
+
+
+def test_stacked_locals_match_per_view_statistics(photo_train: Path) -> None:
+    # Same recipe, other draws: per-channel means and stds and the gradient (blur, crop
+    # scale) of the locals agree within the backends-agree bounds.
+    stats = []
+    for stack in (False, True):
+        loader = DALIMultiCropLoader(photo_train, RECIPE, 32, tuning=DALITuning(stack_locals=stack))
+        stats.append(_group_stats(_epoch(loader) + _epoch(loader), "local_views"))
+    plain, stacked = stats
+    assert (plain[:3] - stacked[:3]).abs().max() < 0.2 and (plain[3:6] - stacked[3:6]).abs().max() < 0.15
+    assert abs(plain[6] / stacked[6] - 1) < 0.2
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_tuning_changes_speed_not_outputs(indexed: list[tuple[str, int]], device: str) -> None:
     ref = _epoch(DALIMultiCropLoader(indexed, RECIPE, 8, seed=3, device=device))[:2]
     other = DALITuning(hw_decoder_load=0.3, prefetch=1, concurrency="full", resize_minibatch=3)
