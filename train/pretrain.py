@@ -39,6 +39,8 @@ def check_config(cfg: Config, world_size: int) -> None:
         raise UsageError("no training data given; pass --data PATH (an ImageFolder root or a .beton shard)")
     if not Path(d.path).exists():
         raise UsageError(f"training data {d.path} does not exist; pass an ImageFolder root or a .beton shard")
+    if d.recipe().n_global < 2:
+        raise UsageError("MVEB needs at least 2 global views (the momentum targets); set data.n_global=2")
     if d.loader not in LOADERS:
         raise UsageError(f"data.loader={d.loader!r}; use one of {', '.join(LOADERS)}")
     if d.global_batch_size is not None:

@@ -90,14 +90,14 @@ class Trainer:
     def momentum_at(self, step: int) -> float:
         return ema_momentum(step, self.cfg.schedule.ema_momentum, self.total_steps)
 
-    def _groups(self, batch: MultiCropBatch) -> tuple[list[torch.Tensor], list[str], list[torch.Tensor]]:
-        """(online inputs, their phase names, momentum inputs) in the configured forward mode."""
+    def _groups(self, batch: MultiCropBatch, B: int) -> tuple[list[torch.Tensor], list[str], list[torch.Tensor]]:
+        """(online inputs, their phase names, momentum inputs: the first two global views)."""
         r = self.recipe
         if self.cfg.model.per_view_forward:
             views = batch.views(r.n_global, r.n_local)
-            return views, ["forward_global"] * r.n_global + ["forward_local"] * r.n_local, views[:r.n_global]
+            return views, ["forward_global"] * r.n_global + ["forward_local"] * r.n_local, views[:2]
         groups = [batch.global_views] + ([batch.local_views] if r.n_local else [])
-        return groups, ["forward_global", "forward_local"][:len(groups)], [batch.global_views]
+        return groups, ["forward_global", "forward_local"][:len(groups)], [batch.global_views[:2 * B]]
 
     @staticmethod
     def _split(outputs: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
@@ -113,12 +113,12 @@ class Trainer:
         with t("ema"):
             ema_update(self.momentum, self.online, m)
 
-        inputs, phases, momentum_inputs = self._groups(batch)
         B = batch.batch_size(r.n_global)
+        inputs, phases, momentum_inputs = self._groups(batch, B)
         with self.autocast():
             online = self._split(self.model(inputs, phases=phases), B)
             with t("momentum_forward"), torch.no_grad():
-                targets = self._split(self.momentum(momentum_inputs), B)[:2]
+                targets = self._split(self.momentum(momentum_inputs), B)
 
         with t("loss"):
             loss, parts = mveb_loss(online, targets, lam=c.loss.lam, eta=c.loss.eta, min_tau=c.loss.min_tau,
