@@ -31,6 +31,7 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from mveb.errors import UsageError
 
+from . import ffcv_fix  # noqa: F401 - must patch FFCV before any Loader is built
 from .batch import MultiCropBatch, check_loader_args
 from .ffcv_decoder import MultiCropDecoder
 from .ffcv_ops import normalize_views
@@ -124,7 +125,8 @@ class FFCVMultiCropLoader:
             elif name != IMAGE_FIELD:
                 pipelines[name] = None
         self._ffcv = Loader(str(path), batch_size=batch_size, num_workers=workers or os.cpu_count() or 1,
-                            order=self._order, pipelines=pipelines, drop_last=drop_last, batches_ahead=2)
+                            order=self._order, pipelines=pipelines, drop_last=drop_last, batches_ahead=2,
+                            os_cache=True)  # ffcv_fix patches the OS-cache reader only
         self._mean = torch.tensor(recipe.mean, device=self.device) * 255
         self._inv_std = 1 / (torch.tensor(recipe.std, device=self.device) * 255)
         self._lut = ((np.arange(256)[None, :] - np.array(recipe.mean)[:, None] * 255)
