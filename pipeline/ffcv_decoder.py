@@ -76,9 +76,8 @@ class MultiCropDecoder(Operation):
                 shapes[dst_ix, 0] = height
                 shapes[dst_ix, 1] = width
                 if field["mode"] == jpg:
-                    # libffcv's C entry point, not its jitted `imdecode` wrapper: a numba
-                    # dispatcher shared by two loaders' pipelines fails with KeyError when the
-                    # second one compiles (numba 0.68), and FFCV's wrapper would be one.
+                    # libffcv's C entry point directly: FFCV's `imdecode` wrapper would be one
+                    # more numba dispatcher to compile for every loader.
                     dst = scratch[dst_ix]
                     decode_c(data.ctypes.data, data.size, height, width, dst.ctypes.data, height, width,
                              0, 0, 1, 1, False, False)
