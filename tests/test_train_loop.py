@@ -34,10 +34,16 @@ STEPS = 6  # crosses an epoch boundary
 def _one_thread():
     # The tiny model gains nothing from a second thread, and two OpenMP threads on a busy
     # 2-core machine spin against each other (measured 5-10x slower steps).
-    before = torch.get_num_threads()
+    # OMP_NUM_THREADS also keeps pretrain() from choosing its own count (cores - workers).
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(before)
+    if env is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 @pytest.fixture(scope="session")
@@ -94,8 +100,7 @@ def test_sigterm_then_resume_matches_uninterrupted(uninterrupted: Path, tiny_tra
     # One DataLoader worker process: SLURM signals the whole process group, workers included.
     cmd = [sys.executable, "-m", "mveb", "pretrain", "--config", "demo", "--data", str(tiny_train), "--out", str(run),
            "--steps", str(STEPS), *TINY, "data.workers=1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     while not ((run / "metrics.jsonl").exists() and len(_metrics(run)) >= 2):
         assert proc.poll() is None, proc.communicate()
@@ -185,7 +190,7 @@ def test_two_process_gloo_run(tiny_train: Path, tmp_path: Path) -> None:
            "--steps", "2", *TINY, "data.global_batch_size=8"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
              for r in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e for _, e in outs]
