@@ -411,7 +411,8 @@ def augment_batch(pixels, shapes, out, views, offsets, shared, seed, epoch, indi
     shapes [B, 2] (height, width), out [B, offsets[-1]], indices [B] the samples' ids.
 
     The parallel loop lives here rather than in the FFCV decoder so that it is compiled
-    once per machine (cache=True) instead of once per loader.
+    once per machine (cache=True) instead of once per loader. The caller sets the chunk
+    size (a numba call that cannot be cached).
     """
     for i in prange(out.shape[0]):
         h = shapes[i, 0]
