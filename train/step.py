@@ -66,7 +66,9 @@ class Trainer:
         if dist.is_distributed and cfg.model.sync_bn and self.device.type == "cuda":
             online = torch.nn.SyncBatchNorm.convert_sync_batchnorm(online)
         if cfg.precision.compile:
-            online.backbone.compile()
+            # One static graph per resolution: with dynamic shapes, torch 2.11's inductor failed a
+            # channels_last stride check in the convolution backward (H200, this test suite).
+            online.backbone.compile(dynamic=False)
         online.timer = self.timer
         self.online: Encoder = online  # type: ignore[assignment]
         # DDP broadcasts rank 0's weights on construction; the momentum copy is taken after.
