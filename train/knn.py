@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -73,17 +74,24 @@ def backbone_knn(backbone: torch.nn.Module, train: str | Path, val: str | Path, 
 
 def run_knn(args: argparse.Namespace) -> dict:
     """`mveb knn`: features of --train (the bank) and --val, weighted kNN, one-line table and JSON."""
-    start = time.perf_counter()
     check_eval_options(args.image_size, args.batch_size, args.workers)
     if args.k < 1 or args.temperature <= 0:
         raise UsageError(f"need --k >= 1 and --temperature > 0, got {args.k} and {args.temperature}")
+    return run_eval(args, "kNN", lambda backbone, device: backbone_knn(
+        backbone, args.train, args.val, args.image_size, args.batch_size, device, args.k, args.temperature,
+        args.workers), lambda result: f"k={result['k']} T={result['T']:g}")
+
+
+def run_eval(args: argparse.Namespace, what: str, evaluate: Callable[[torch.nn.Module, torch.device], dict],
+             setting: Callable[[dict], str]) -> dict:
+    """The part `mveb knn` and `mveb lineval` share: backbone, device, timing, printing, JSON."""
+    start = time.perf_counter()
     device = resolve_device(args.device)
     backbone = load_backbone(args.checkpoint, args.arch)
-    result = backbone_knn(backbone, args.train, args.val, args.image_size, args.batch_size, device, args.k,
-                          args.temperature, args.workers)
+    result = evaluate(backbone, device)
     result.update(checkpoint=args.checkpoint, arch=backbone.arch_name, image_size=args.image_size,
                   seconds=time.perf_counter() - start)
-    print(format_result("kNN", result, f"k={result['k']} T={result['T']:g}"))
+    print(format_result(what, result, setting(result)))
     write_result(args.json, result)
     return result
 

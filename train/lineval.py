@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -24,11 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from mveb.devices import resolve_device
 from mveb.errors import UsageError
 from train.features import (Features, check_eval_options, check_same_classes, embed, extract_features, feature_width,
-                            load_backbone, open_images, prepare)
-from train.knn import format_result, write_result
+                            open_images, prepare)
+from train.knn import run_eval
 
 
 def linear_head(width: int, num_classes: int) -> nn.Module:
@@ -134,17 +132,10 @@ def linear_eval(backbone: nn.Module, train: str, val: str, image_size: int = 224
 
 def run_lineval(args: argparse.Namespace) -> dict:
     """`mveb lineval`: one-line table and JSON."""
-    start = time.perf_counter()
     check_eval_options(args.image_size, args.batch_size, args.workers)
     if args.epochs < 1 or args.lr <= 0:
         raise UsageError(f"need --epochs >= 1 and --lr > 0, got {args.epochs} and {args.lr}")
-    device = resolve_device(args.device)
-    backbone = load_backbone(args.checkpoint, args.arch)
-    result = linear_eval(backbone, args.train, args.val, args.image_size, args.batch_size, args.epochs, args.lr,
-                         device, args.precompute, args.workers)
-    result.update(checkpoint=args.checkpoint, arch=backbone.arch_name, image_size=args.image_size,
-                  seconds=time.perf_counter() - start)
     mode = "precomputed centre crops" if args.precompute else "augmented"
-    print(format_result("linear eval", result, f"{args.epochs} epochs, {mode}"))
-    write_result(args.json, result)
-    return result
+    return run_eval(args, "linear eval", lambda backbone, device: linear_eval(
+        backbone, args.train, args.val, args.image_size, args.batch_size, args.epochs, args.lr, device,
+        args.precompute, args.workers), lambda result: f"{args.epochs} epochs, {mode}")
