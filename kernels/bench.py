@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from kernels import mveb_loss
 from mveb.devices import DTYPES, resolve_device
 from mveb.errors import UsageError
+from mveb.files import write_atomic
 
 # Variants of the Triton path, to see what each choice is worth at each B:
 # triton-cholesky: cuSOLVER's Cholesky and a B-wide inverse instead of the sweep;
@@ -216,13 +216,7 @@ def _write_json(path: str, results: list[Result], device: torch.device, args: ar
     doc = {"bench": "kernels", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "views": args.views, "dim": args.dim, "dtype": args.dtype, "torch": torch.__version__,
            "results": [asdict(r) for r in results]}
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UsageError(f"cannot write --json {path}: {e.strerror}") from e
+    write_atomic(path, json.dumps(doc, indent=1))
 
 
 def _parse_impls(text: str) -> list[str]:

@@ -20,6 +20,7 @@ import torch
 
 from mveb.bench_step import format_table as step_table
 from mveb.devices import resolve_device
+from mveb.files import write_atomic
 
 
 def _run(argv: list[str]) -> None:
@@ -85,8 +86,8 @@ def bench_all(device: str, data: str | None, out: Path) -> dict[str, Any]:
     else:
         _part("step", ["bench", "step", "--device", "cpu", "--batch-size", str(step_b), "--loader", "synthetic,torch",
                        "--data", data], out / "step.json", results)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "summary.md").write_text(summary(results))
+    write_atomic(out / "results.json", json.dumps(results, indent=1))
+    write_atomic(out / "summary.md", summary(results))
     chart(results, out / "chart.png")
     print("\n" + summary(results))
     print(f"written: {out / 'summary.md'}, {out / 'results.json'}, {out / 'chart.png'}")

@@ -22,8 +22,9 @@ from typing import Any, Iterator
 
 import torch
 
-from mveb.devices import resolve_device
+from mveb.devices import resolve_device, synchronize
 from mveb.errors import UsageError
+from mveb.files import write_atomic
 from pipeline.batch import MultiCropBatch
 from train.config import Config, get_config
 from train.distributed import DistInfo
@@ -63,11 +64,6 @@ def synthetic_batch(cfg: Config, device: torch.device, dtype: torch.dtype) -> Mu
                           loc.contiguous(memory_format=torch.channels_last), None)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_variant(name: str, cfg: Config, device: torch.device, batches: Iterator[MultiCropBatch],
                 steps: int, warmup: int, per_parameter_lars: bool = False) -> dict[str, Any]:
     """Time `steps` training steps after `warmup` ones; phases from the trainer's PhaseTimer."""
@@ -83,7 +79,7 @@ def run_variant(name: str, cfg: Config, device: torch.device, batches: Iterator[
     wait = 0.0
     for i in range(warmup + steps):
         if i == warmup:
-            _sync(device)
+            synchronize(device)
             timer.reset()
             wait, t0 = 0.0, time.perf_counter()
         t = time.perf_counter()
@@ -91,7 +87,7 @@ def run_variant(name: str, cfg: Config, device: torch.device, batches: Iterator[
             batch = next(batches)
         wait += time.perf_counter() - t
         out = trainer.step(batch, 100 + i)  # past warmup, so the LR is a typical one
-    _sync(device)
+    synchronize(device)
     wall = time.perf_counter() - t0
     phases = timer.totals()
     B = cfg.data.batch_size
@@ -174,5 +170,5 @@ def main(args: argparse.Namespace) -> int:
     print(f"MVEB step on {report['device_name']} ({report['arch']}), phases in ms per step:")
     print(format_table(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_atomic(args.json, json.dumps(report, indent=2))
     return 0

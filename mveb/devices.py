@@ -11,6 +11,12 @@ from mveb.errors import UsageError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so wall clocks measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_device(name: str) -> torch.device:
     """auto (CUDA when present, else CPU), cpu, cuda or cuda:N; a one-line UsageError otherwise."""
     if name == "auto":

@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from mveb.devices import DTYPES
+from mveb.devices import DTYPES, synchronize
 from mveb.errors import UsageError
+from mveb.files import write_atomic
 
 from .images import usable_cpus
 from .loaders import BACKENDS, build_loader, check_data, loader_class
 from .recipe import DEFAULT_RECIPE, MultiCropRecipe
-from .validate import write_atomic
 
 
 def tree_cpu_s() -> float | None:
@@ -61,11 +61,6 @@ def tree_cpu_s() -> float | None:
     return total + reaped.ru_utime + reaped.ru_stime
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _prepare_data(backend: str, data: str, workers: int | None) -> str:
     """What the backend reads; for FFCV the cached shard, built here outside any timing."""
     if backend == "ffcv" and not data.endswith(".beton"):
@@ -92,7 +87,7 @@ def bench_backend(backend: str, data: str, recipe: MultiCropRecipe, batch_size: 
         loader = build_loader(backend, source, recipe, batch_size, device=device, dtype=dtype, seed=0, workers=workers)
         batches = iter(loader)
         next(batches)
-        _sync(device)
+        synchronize(device)
         row["compile_s"] = round(time.perf_counter() - t, 3)
 
         def next_batch() -> None:
@@ -106,12 +101,12 @@ def bench_backend(backend: str, data: str, recipe: MultiCropRecipe, batch_size: 
         t = time.perf_counter()
         while time.perf_counter() - t < warmup_s:
             next_batch()
-        _sync(device)
+        synchronize(device)
         n, t, cpu = 0, time.perf_counter(), tree_cpu_s()
         while time.perf_counter() - t < seconds:
             next_batch()
             n += 1
-        _sync(device)
+        synchronize(device)
         elapsed = time.perf_counter() - t
         cpu_end = tree_cpu_s()
     except UsageError as e:  # e.g. a .beton given to a backend that reads folders

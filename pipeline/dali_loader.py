@@ -31,10 +31,11 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from mveb.errors import UsageError
+from mveb.files import written_atomically
 
 from .batch import MultiCropBatch, check_loader_args
 from .dali_graph import OUTPUT_DTYPES, DALITuning, build_pipeline, stacks_locals
-from .images import Sample, list_image_folder
+from .images import Sample, list_image_folder, usable_cpus
 from .recipe import MultiCropRecipe
 from .torch_loader import resolve_samples
 from .validate import scan
@@ -45,10 +46,8 @@ DataSource = str | Path | Sequence[Sample]
 def write_file_list(samples: Sequence[Sample], path: str | Path) -> None:
     """DALI's file_list format with absolute paths: "path label" per line (DALI takes the
     last field as the label, so paths may hold spaces)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{os.path.abspath(p)} {y}\n" for p, y in samples))
-    os.replace(tmp, path)
+    with written_atomically(path) as tmp:
+        tmp.write_text("".join(f"{os.path.abspath(p)} {y}\n" for p, y in samples))
 
 
 def _from_report(root: str | Path, samples: list[Sample]) -> tuple[list[Sample], list[tuple[str, str]]] | None:
@@ -129,7 +128,7 @@ class DALIMultiCropLoader:
         self.seed, self.rank, self.world_size, self.drop_last = seed, rank, world_size, drop_last
         self.tuning = tuning or DALITuning()
         self._stacked = stacks_locals(recipe, self.tuning)
-        self.workers = workers or len(os.sched_getaffinity(0))
+        self.workers = workers or usable_cpus()
         self.samples, self.skipped = resolve_dali_samples(data, self.workers)
         if self.skipped:
             path, reason = self.skipped[0]

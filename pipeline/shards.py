@@ -29,9 +29,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from mveb.errors import UsageError
+from mveb.files import write_atomic
 
 from .images import Sample, read_class_file, to_rgb8, usable_cpus
-from .validate import scan, write_atomic
+from .validate import scan
 
 
 def open_for_shard(path: str, max_res: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mveb.errors import UsageError
+from mveb.files import write_atomic
 
 from .images import Sample, list_image_folder, usable_cpus, why_undecodable
 
@@ -63,19 +64,6 @@ def scan(src: str | Path, workers: int | None = None, classes: list[str] | None 
             result.bad.append((path, reason))
     result.seconds = time.perf_counter() - start
     return result
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write text under a temporary name, then rename: never a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UsageError(f"cannot write {path}: {e.strerror}") from None
 
 
 def fix_list_text(result: ScanResult) -> str:

@@ -159,8 +159,8 @@ def _wait_local(job: Any) -> int:
 
 
 def launch_training(a: argparse.Namespace) -> int:
-    from pipeline.validate import write_atomic
-    from train.config import get_config
+    from mveb.files import write_atomic
+    from train.config import check_config, get_config
 
     res = _cluster_resources(a, f"mveb-{a.config}", nodes=a.nodes, gpus_per_node=a.gpus_per_node,
                              tasks_per_node=a.tasks_per_node)
@@ -183,7 +183,6 @@ def launch_training(a: argparse.Namespace) -> int:
         print(sbatch_script(res, folder))
         return 0
 
-    from train.pretrain import check_config
     from slurm.job import TrainJob
 
     check_config(cfg, res.world_size)

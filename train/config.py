@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mveb.errors import UsageError
@@ -139,6 +140,35 @@ def demo() -> Config:
 
 
 PRESETS = {"imagenet_rn50": imagenet_rn50, "demo": demo}
+
+
+def check_config(cfg: Config, world_size: int) -> None:
+    """Every user mistake the config can hold, as one UsageError, before any rendezvous."""
+    d, s = cfg.data, cfg.schedule
+    if not d.path:
+        raise UsageError("no training data given; pass --data PATH (an ImageFolder root or a .beton shard)")
+    if not Path(d.path).exists():
+        raise UsageError(f"training data {d.path} does not exist; pass an ImageFolder root or a .beton shard")
+    if d.recipe().n_global < 2:
+        raise UsageError("MVEB needs at least 2 global views (the momentum targets); set data.n_global=2")
+    from pipeline.loaders import BACKENDS  # imports torch: only when a run is about to start
+
+    if d.loader not in BACKENDS:
+        raise UsageError(f"data.loader={d.loader!r}; use one of {', '.join(BACKENDS)}")
+    if d.global_batch_size is not None:
+        if d.global_batch_size % world_size:
+            raise UsageError(f"global batch {d.global_batch_size} is not divisible by the world size {world_size}; "
+                             f"use a multiple of {world_size}")
+        d.batch_size = d.global_batch_size // world_size
+    if d.batch_size < 2:
+        raise UsageError(f"batch size per process is {d.batch_size}; MVEB's entropy needs at least 2 samples")
+    if s.epochs < 1 or not 0 <= s.warmup_epochs <= s.epochs:
+        raise UsageError(f"need epochs >= 1 and 0 <= warmup_epochs <= epochs, got {s.epochs} and {s.warmup_epochs}")
+    if s.steps is not None and s.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {s.steps}")
+    r = cfg.run.resume
+    if r not in ("auto", "none") and not Path(r).is_file():
+        raise UsageError(f"--resume {r}: no such checkpoint; pass auto, none or a checkpoint file")
 
 
 def get_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:

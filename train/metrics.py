@@ -7,9 +7,10 @@ last checkpoint and trained again are logged once, from the resumed run.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from mveb.files import written_atomically
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -24,9 +25,8 @@ def truncate_metrics(path: Path, last_step: int) -> None:
             continue
         if record.get("step", 0) <= last_step:
             kept.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    with written_atomically(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept))
 
 
 class MetricsLog:

@@ -19,46 +19,16 @@ import torch
 import torch.distributed as torch_dist
 from tqdm import tqdm
 
-from mveb.errors import UsageError
+from mveb.files import written_atomically
 from pipeline.images import usable_cpus
 from pipeline.loaders import build_loader
 
 from .checkpoint import load_checkpoint, load_latest, save_checkpoint
-from .config import Config
+from .config import Config, check_config
 from .distributed import DistInfo, cleanup_distributed, init_distributed, planned_world_size
 from .metrics import MetricsLog
 from .preemption import PreemptionFlag
 from .step import Trainer, amp_dtype
-
-LOADERS = ("ffcv", "dali", "torch")
-
-
-def check_config(cfg: Config, world_size: int) -> None:
-    """Every user mistake the config can hold, as one UsageError, before any rendezvous."""
-    d, s = cfg.data, cfg.schedule
-    if not d.path:
-        raise UsageError("no training data given; pass --data PATH (an ImageFolder root or a .beton shard)")
-    if not Path(d.path).exists():
-        raise UsageError(f"training data {d.path} does not exist; pass an ImageFolder root or a .beton shard")
-    if d.recipe().n_global < 2:
-        raise UsageError("MVEB needs at least 2 global views (the momentum targets); set data.n_global=2")
-    if d.loader not in LOADERS:
-        raise UsageError(f"data.loader={d.loader!r}; use one of {', '.join(LOADERS)}")
-    if d.global_batch_size is not None:
-        if d.global_batch_size % world_size:
-            raise UsageError(f"global batch {d.global_batch_size} is not divisible by the world size {world_size}; "
-                             f"use a multiple of {world_size}")
-        d.batch_size = d.global_batch_size // world_size
-    if d.batch_size < 2:
-        raise UsageError(f"batch size per process is {d.batch_size}; MVEB's entropy needs at least 2 samples")
-    if s.epochs < 1 or not 0 <= s.warmup_epochs <= s.epochs:
-        raise UsageError(f"need epochs >= 1 and 0 <= warmup_epochs <= epochs, got {s.epochs} and {s.warmup_epochs}")
-    if s.steps is not None and s.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {s.steps}")
-    r = cfg.run.resume
-    if r not in ("auto", "none") and not Path(r).is_file():
-        raise UsageError(f"--resume {r}: no such checkpoint; pass auto, none or a checkpoint file")
-
 
 def pretrain(cfg: Config) -> dict[str, Any]:
     """Train; return {"step", "loss" (the last logged, mean over ranks), "run_dir", "preempted", "rank",
@@ -77,7 +47,8 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
     run_dir = Path(cfg.run.out)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / "config.json", cfg.to_dict())
+        with written_atomically(run_dir / "config.json") as tmp:
+            tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     if dist.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # The loader's worker processes need cores too: on 2 cores, 2 OpenMP threads racing
@@ -225,9 +196,3 @@ def _save(run_dir: Path, trainer: Trainer, loader: Any, step: int, steps_per_epo
         save_checkpoint(run_dir, state, step)
     if dist.is_distributed:
         torch_dist.barrier()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
