@@ -3,6 +3,7 @@
     from kernels import mveb_loss, entropy_score
     loss = mveb_loss(online, targets)                       # scalar, differentiable
     loss, parts = mveb_loss(online, targets, return_parts=True)
+    loss = mveb_loss(online, targets, gather_group=torch.distributed.group.WORLD)  # global-batch entropy
     score = entropy_score(x)                                # x: unit rows [B, D]
 
 Triton is imported only when the Triton implementation is asked for, so CPU-only users
@@ -16,6 +17,7 @@ import os
 from typing import Sequence, Union
 
 import torch
+import torch.distributed as dist
 
 from kernels.loss import MvebLossFunction, entropy_score_batched
 from kernels.reference import mveb_loss_literal, mveb_loss_reference
@@ -36,6 +38,7 @@ def mveb_loss(
     min_tau: float = 0.1,
     impl: str = "auto",
     return_parts: bool = False,
+    gather_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The MVEB loss -(align / V) - lam * sum_v entropy(z_v) / V, normalization inside.
 
@@ -55,14 +58,31 @@ def mveb_loss(
     A view whose fp32 inversion of K + eta I fails (Cholesky, or the Triton sweep's residual
     check) is redone in fp64; checking for that costs one device-to-host sync per call.
     On CUDA at B <= 512 the Triton forward is captured once per shape as a CUDA graph and
-    replayed (kernels/graphs.py); it is not used while the caller itself captures a graph.
+    replayed (kernels/graphs.py); it is not used while the caller itself captures a graph,
+    nor with a gather_group.
+    gather_group: None (default): each process's entropy is computed on its local batch, as
+        the official code does; no collective. A torch.distributed ProcessGroup (e.g.
+        torch.distributed.group.WORLD, which is None before init_process_group): each view's
+        score is computed from the unit rows of every process in the group (one all_gather
+        of the detached rows; every process must pass the same V, B, D and dtype; rows are
+        concatenated in group rank order), and each process keeps the score rows of its own
+        samples. The loss is then the same formula over the local rows: align unchanged,
+        entropy_v = -mean over the local rows of <stopgrad(score_b), z_b>, so the gradient
+        is still -score_b / B (B local). Hence the mean of the processes' losses equals the
+        single-process loss over the concatenated batch, and each process's gradient divided
+        by the group size W equals the single-process gradient rows of its samples: with DDP
+        averaging gradients over W processes, the update is the single-process update over
+        the global batch. Every process computes the whole (W B) x (W B) system per view, and
+        "tau" in the parts is the global batch's. A group of size 1 gives the None result.
+        Not supported by the reference impls (ValueError).
     """
     online_t = _stack(online, "online")
     targets_t = _stack(targets, "targets")
-    _check(online_t, targets_t, impl)
+    _check(online_t, targets_t, impl, gather_group)
     if impl.startswith("reference"):
         return _reference(online_t, targets_t, lam, eta, min_tau, impl, return_parts)
-    loss, align, entropy, tau = MvebLossFunction.apply(online_t, targets_t, lam, eta, min_tau, _ops(impl, online_t))
+    loss, align, entropy, tau = MvebLossFunction.apply(online_t, targets_t, lam, eta, min_tau, _ops(impl, online_t),
+                                                       gather_group)
     if return_parts:
         return loss, {"align": align, "entropy": entropy, "tau": tau}
     return loss
@@ -91,9 +111,14 @@ def _stack(views: Views, what: str) -> torch.Tensor:
     return torch.stack(views)
 
 
-def _check(online: torch.Tensor, targets: torch.Tensor, impl: str) -> None:
+def _check(online: torch.Tensor, targets: torch.Tensor, impl: str, gather_group: object) -> None:
     if impl not in IMPLS:
         raise ValueError(f"mveb_loss: impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    if gather_group is not None and impl.startswith("reference"):
+        raise ValueError(f"mveb_loss: gather_group is not supported by impl={impl!r}; use 'auto', 'torch' or 'triton'")
+    if gather_group is not None and not isinstance(gather_group, dist.ProcessGroup):
+        raise ValueError(f"mveb_loss: gather_group must be a torch.distributed ProcessGroup or None, "
+                         f"got {type(gather_group).__name__}")
     if online.dim() != 3 or online.shape[0] < 2:
         raise ValueError(f"mveb_loss: online must be V >= 2 views [B, D] (or one [V, B, D]), got {_describe(online)}")
     if targets.dim() != 3 or targets.shape[0] != 2 or targets.shape[1:] != online.shape[1:]:

@@ -6,6 +6,10 @@ and the backward is elementwise given Y (kept from the forward):
     d loss / d z_v = -(target_v + lam y_v) / (V B).
 The row dots <z, d loss / d z> that the normalization's backward needs are also known from
 the forward (the align row dots and <y_b, z_b>), so the backward is one pass.
+
+With a process group, the score comes from the unit rows of every process in it (gathered,
+no gradient) and each process keeps the rows of its own samples: the formulas above stay
+those of the local rows (B is the local batch), only M is built from the global batch.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from kernels.torch_ops import TorchOps
 
@@ -48,14 +53,41 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def gathered_score(
+    z: torch.Tensor, eta: float, min_tau: float, ops: TorchOps, group: dist.ProcessGroup
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, ms, tau) for this process's unit rows z [V, B, D], with M built from the rows of
+    every process in group (all the same shape, concatenated in group rank order)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    # The list form: all_gather_into_tensor is deprecated in torch 2.14 and its successor's
+    # output layout depends on the backend (gloo refuses the stacked [W, V, B, D] form).
+    parts = [torch.empty_like(z) for _ in range(world)]
+    dist.all_gather(parts, z.contiguous(), group=group)
+    z_all = torch.cat(parts, dim=1)
+    y, ms, tau, info = ops.score(z_all, eta, min_tau)
+    y, ms = redo_failed_fp64(z_all, y, ms, tau, info, eta)
+    b = z.shape[1]
+    rows = slice(rank * b, (rank + 1) * b)
+    # A copy, so that the backward keeps only the local rows alive, not the global Y.
+    return y[:, rows].contiguous(), ms[:, rows].contiguous(), tau
+
+
 class MvebLossFunction(torch.autograd.Function):
-    """(loss, align, mean entropy, tau) from online [V, B, D] and targets [2, B, D]."""
+    """(loss, align, mean entropy, tau) from online [V, B, D] and targets [2, B, D];
+    group: None, or the process group whose gathered rows the score is computed from."""
 
     @staticmethod
-    def forward(ctx, online, targets, lam, eta, min_tau, ops):  # type: ignore[override]
+    def forward(ctx, online, targets, lam, eta, min_tau, ops, group=None):  # type: ignore[override]
         with torch.autocast(online.device.type, enabled=False):
-            z, norms, t, rowdot, y, ms, tau, info = ops.forward_core(online, targets, compute_dtype(online), eta, min_tau)
-            y, ms = redo_failed_fp64(z, y, ms, tau, info, eta)
+            dtype = compute_dtype(online)
+            if group is None:
+                z, norms, t, rowdot, y, ms, tau, info = ops.forward_core(online, targets, dtype, eta, min_tau)
+                y, ms = redo_failed_fp64(z, y, ms, tau, info, eta)
+            else:
+                # The same steps as forward_core with the collective between them (so never
+                # inside the Triton op set's CUDA graph).
+                z, norms, t, rowdot = ops.normalize_align(online, targets, dtype)
+                y, ms, tau = gathered_score(z, eta, min_tau, ops, group)
             loss, align, entropy_mean, dots = ops.finish(rowdot, ms, lam)
         ctx.save_for_backward(z, norms, t, y, dots)
         ctx.lam, ctx.ops, ctx.in_dtype = lam, ops, online.dtype
@@ -67,7 +99,7 @@ class MvebLossFunction(torch.autograd.Function):
         z, norms, t, y, dots = ctx.saved_tensors
         with torch.autocast(z.device.type, enabled=False):
             grad = ctx.ops.grad_online(y, z, t, dots, norms, grad_loss.to(z.dtype), ctx.lam, ctx.in_dtype)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def entropy_score_batched(x: torch.Tensor, eta: float, min_tau: float, ops: TorchOps) -> torch.Tensor:
