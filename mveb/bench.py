@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction, *, loader: AddArgs, kernels: AddAr
     a.add_argument("--device", default="auto")
     a.add_argument("--data", default=None, help="ImageFolder for the loader benchmarks (default: the demo set)")
     a.add_argument("--out", default="bench-results", help="folder for summary.md, results.json, chart.png")
+    a.add_argument("--no-compile", action="store_true",
+                   help="on CUDA, time only the eager step (skips the compiled step and its minutes of compiling)")
     a.set_defaults(func=_bench_all)
 
 
@@ -29,7 +31,7 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="per-GPU batch (default 256 on CUDA, 8 on CPU)")
     p.add_argument("--loader", default="synthetic", help="synthetic, ffcv, dali, torch or a comma list")
     p.add_argument("--data", default=None, help="ImageFolder for the real loaders")
-    p.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    p.add_argument("--compile", action="store_true", help="also time the step with the backbones compiled, and feed the loaders to that one")
     p.add_argument("--steps", type=int, default=None, help="timed steps")
     p.add_argument("--config", default=None, choices=["imagenet_rn50", "demo"],
                    help="model and recipe preset (default: imagenet_rn50 on CUDA, demo on CPU)")

@@ -58,7 +58,7 @@ def _part(name: str, argv: list[str], json_path: Path, results: dict[str, Any]) 
         print(f"bench {name} failed: {results[name]['error']}", flush=True)
 
 
-def bench_all(device: str, data: str | None, out: Path) -> dict[str, Any]:
+def bench_all(device: str, data: str | None, out: Path, compile: bool = True) -> dict[str, Any]:
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
     out.mkdir(parents=True, exist_ok=True)
@@ -80,9 +80,11 @@ def bench_all(device: str, data: str | None, out: Path) -> dict[str, Any]:
           + ([] if gpu else ["--batch-sizes", "128,256"]),
           out / "kernels.json", results)
     if gpu:  # the official batch (vs the official-style step) and the fast-path batch (vs DALI-fed)
-        _part("step_b128", ["bench", "step", "--device", "cuda", "--batch-size", "128"], out / "step_b128.json", results)
+        fast = ["--compile"] if compile else []
+        _part("step_b128", ["bench", "step", "--device", "cuda", "--batch-size", "128"] + fast,
+              out / "step_b128.json", results)
         _part("step", ["bench", "step", "--device", "cuda", "--batch-size", str(step_b), "--no-official",
-                       "--loader", "synthetic,dali", "--data", data], out / "step.json", results)
+                       "--loader", "synthetic,dali", "--data", data] + fast, out / "step.json", results)
     else:
         _part("step", ["bench", "step", "--device", "cpu", "--batch-size", str(step_b), "--loader", "synthetic,torch",
                        "--data", data], out / "step.json", results)
@@ -156,5 +158,5 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    bench_all(args.device, args.data, Path(args.out))
+    bench_all(args.device, args.data, Path(args.out), compile=not args.no_compile)
     return 0

@@ -60,6 +60,17 @@ class Encoder(nn.Module):
         return out
 
 
+def compile_backbone(encoder: Encoder) -> None:
+    """torch.compile the backbone in place, one static graph per input shape and grad mode.
+
+    The backbone is where the step's time goes (the projector and loss are a few percent).
+    Static shapes: a step has two resolutions, and with automatic dynamic shapes the second
+    one made torch 2.11's inductor fail a channels_last stride check in the convolution
+    backward (H200). State dict keys are unchanged (no "_orig_mod." prefix).
+    """
+    encoder.backbone.compile(dynamic=False)
+
+
 def momentum_copy(online: Encoder) -> Encoder:
     """The momentum encoder: a frozen copy of the online one (same weights, no gradients)."""
     momentum = copy.deepcopy(online)

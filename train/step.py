@@ -23,7 +23,7 @@ from pipeline.batch import MultiCropBatch
 from .config import Config
 from .distributed import DistInfo
 from .lars import LARS, lars_param_groups
-from .model import Encoder, ema_update, momentum_copy
+from .model import Encoder, compile_backbone, ema_update, momentum_copy
 from .phases import PhaseTimer
 from .schedules import ema_momentum, learning_rate, scaled_lr
 
@@ -66,16 +66,16 @@ class Trainer:
         if dist.is_distributed and cfg.model.sync_bn and self.device.type == "cuda":
             online = torch.nn.SyncBatchNorm.convert_sync_batchnorm(online)
         if cfg.precision.compile:
-            # One static graph per resolution: with dynamic shapes, torch 2.11's inductor failed a
-            # channels_last stride check in the convolution backward (H200, this test suite).
-            online.backbone.compile(dynamic=False)
+            compile_backbone(online)
         online.timer = self.timer
         self.online: Encoder = online  # type: ignore[assignment]
         # DDP broadcasts rank 0's weights on construction; the momentum copy is taken after.
         self.model = (DistributedDataParallel(online, device_ids=[self.device] if self.device.type == "cuda" else None,
                                               gradient_as_bucket_view=True)
                       if dist.is_distributed else online)
-        self.momentum = momentum_copy(self.online)
+        self.momentum = momentum_copy(self.online)  # a copy is eager: compile_backbone does not carry over
+        if cfg.precision.compile:
+            compile_backbone(self.momentum)
         o = cfg.optim
         self.optimizer = LARS(lars_param_groups(self.online.parameters()), lr=self.peak_lr,
                               weight_decay=o.weight_decay, momentum=o.momentum, trust_coefficient=o.trust_coefficient)

@@ -1,0 +1,39 @@
+"""`mveb bench step` on this machine's CPU: every variant runs, the phases add up to the step,
+and the loader-fed rows are compared with the synthetic step they feed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mveb.bench_step import bench_step, format_table
+from train.phases import PHASES
+
+
+def test_step_bench_phases_add_up_and_loader_is_compared(photo_train: Path) -> None:
+    report = bench_step("cpu", batch_size=4, loaders=("synthetic", "torch"), data=str(photo_train), steps=3)
+    rows = {r["variant"]: r for r in report["results"]}
+    assert list(rows) == ["official-style", "mveb", "mveb torch"]
+    for r in rows.values():
+        assert set(r["phases_ms"]) == set(PHASES)
+        # The phases cover the whole step: what is left is Python between them.
+        assert abs(r["unaccounted_ms"]) <= 0.05 * r["step_ms"], r
+    fed = rows["mveb torch"]
+    assert fed["data_wait_fraction"] > 0 and fed["phases_ms"]["data_wait"] > 0
+    assert fed["ratio_to_synthetic"] == pytest.approx(fed["samples_per_s"] / rows["mveb"]["samples_per_s"])
+    assert "ratio_to_synthetic" not in rows["mveb"]
+    table = format_table(report)
+    assert table.count("\n") == 1 + len(rows) and "x synthetic" in table
+
+
+@pytest.mark.slow
+def test_step_bench_compile_feeds_the_loader_to_the_compiled_step(photo_train: Path) -> None:
+    report = bench_step("cpu", batch_size=4, loaders=("synthetic", "torch"), data=str(photo_train), steps=2,
+                        official=False, compile=True)
+    rows = {r["variant"]: r for r in report["results"]}
+    assert list(rows) == ["mveb", "mveb+compile", "mveb+compile torch"]
+    fed, compiled = rows["mveb+compile torch"], rows["mveb+compile"]
+    assert fed["ratio_to_synthetic"] == pytest.approx(fed["samples_per_s"] / compiled["samples_per_s"])
+    assert compiled["ratio_to_mveb_synthetic"] == pytest.approx(compiled["samples_per_s"] / rows["mveb"]["samples_per_s"])
+    assert compiled["skipped_steps"] == 0
