@@ -137,6 +137,7 @@ def test_cli_steps_2_then_3_continues(uninterrupted: Path, tiny_train: Path, tmp
     (["--data", "/no/such/folder"], "does not exist"),
     (["data.global_batch_size=16"], "not divisible by the world size 3"),
     (["--resume", "/no/such.pt"], "no such checkpoint"),
+    (["loss.entropy_batch=world"], "use local (per GPU) or global (all GPUs)"),
 ])
 def test_bad_config_is_one_line(argv: list[str], message: str, tiny_train: Path, tmp_path: Path,
                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -177,26 +178,49 @@ def test_one_step_other_loaders(backend: str, tiny_train: Path) -> None:
     assert math.isfinite(float(out["loss"])) and not out["skipped"]
 
 
-@pytest.mark.slow
-def test_two_process_gloo_run(tiny_train: Path, tmp_path: Path) -> None:
-    """Two ranks as torchrun would start them: DDP, agreed checkpoints, one loader state per rank."""
+def _two_ranks(data: Path, run: Path, *extra: str) -> list[tuple[str, str]]:
+    """A 2-step run of two ranks as torchrun would start them; their (stdout, stderr)."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "mveb", "pretrain", "--config", "demo", "--data", str(tiny_train), "--out", str(run),
-           "--steps", "2", *TINY, "data.global_batch_size=8"]
+    cmd = [sys.executable, "-m", "mveb", "pretrain", "--config", "demo", "--data", str(data), "--out", str(run),
+           "--steps", "2", *TINY, "data.global_batch_size=8", *extra]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
              for r in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e for _, e in outs]
+    return outs
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tiny_train: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[str, str]]]:
+    run = tmp_path_factory.mktemp("ddp") / "run"
+    return run, _two_ranks(tiny_train, run)
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run(two_rank_run: tuple[Path, list[tuple[str, str]]]) -> None:
+    """DDP, agreed checkpoints, one loader state per rank."""
+    run, outs = two_rank_run
     assert "step 2" in outs[0][0] and outs[1][0] == ""  # only rank 0 reports
     assert [r["step"] for r in _metrics(run)] == [1, 2]
     state = load_checkpoint(latest_checkpoint(run))
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
     assert [s["loader"]["batches_done"] for s in state["ranks"]] == [2, 2]
     assert state["config"]["data"]["batch_size"] == 4
+
+
+@pytest.mark.slow
+def test_two_process_global_entropy(two_rank_run: tuple[Path, list[tuple[str, str]]], tiny_train: Path,
+                                    tmp_path: Path) -> None:
+    """Same seeds and data, entropy over the 8 gathered rows instead of each rank's 4: same
+    align at step 1 (same weights and views), another entropy."""
+    local = _metrics(two_rank_run[0])[0]
+    _two_ranks(tiny_train, tmp_path / "run", "loss.entropy_batch=global")
+    gathered = _metrics(tmp_path / "run")[0]
+    assert gathered["align"] == pytest.approx(local["align"], rel=1e-5)
+    assert abs(gathered["entropy"] - local["entropy"]) > 1e-4 * abs(local["entropy"])

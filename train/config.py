@@ -72,6 +72,9 @@ class LossConfig:
     eta: float = 0.01
     min_tau: float = 0.1
     impl: str = "auto"  # auto | triton | torch | reference
+    # local: the entropy of each GPU's own batch, as the official code; global: of the batch
+    # all-gathered from every GPU (one all_gather of V x B x D per step; see kernels.mveb_loss).
+    entropy_batch: str = "local"
 
 
 @dataclass
@@ -166,6 +169,8 @@ def check_config(cfg: Config, world_size: int) -> None:
         raise UsageError(f"need epochs >= 1 and 0 <= warmup_epochs <= epochs, got {s.epochs} and {s.warmup_epochs}")
     if s.steps is not None and s.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {s.steps}")
+    if cfg.loss.entropy_batch not in ("local", "global"):
+        raise UsageError(f"loss.entropy_batch={cfg.loss.entropy_batch!r}; use local (per GPU) or global (all GPUs)")
     r = cfg.run.resume
     if r not in ("auto", "none") and not Path(r).is_file():
         raise UsageError(f"--resume {r}: no such checkpoint; pass auto, none or a checkpoint file")

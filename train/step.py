@@ -80,6 +80,8 @@ class Trainer:
         self.optimizer = LARS(lars_param_groups(self.online.parameters()), lr=self.peak_lr,
                               weight_decay=o.weight_decay, momentum=o.momentum, trust_coefficient=o.trust_coefficient)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == torch.float16 else None
+        global_entropy = cfg.loss.entropy_batch == "global" and dist.is_distributed
+        self.entropy_group = torch.distributed.group.WORLD if global_entropy else None
 
     def autocast(self) -> ContextManager[Any]:
         if self.amp is None:
@@ -124,7 +126,7 @@ class Trainer:
 
         with t("loss"):
             loss, parts = mveb_loss(online, targets, lam=c.loss.lam, eta=c.loss.eta, min_tau=c.loss.min_tau,
-                                    impl=c.loss.impl, return_parts=True)
+                                    impl=c.loss.impl, return_parts=True, gather_group=self.entropy_group)
         with t("backward"):
             (self.scaler.scale(loss) if self.scaler else loss).backward()
 
