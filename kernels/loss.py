@@ -1,11 +1,13 @@
-"""The MVEB loss for all V views at once, with a closed-form backward.
+"""The MVEB loss for all V views at once, with a closed-form gradient.
 
 Per view (DESIGN.md, "MVEB math"), with M = (K + eta I)^{-1} diag(K 1) / tau:
     score = -M Z = -Y,   entropy = -mean_b <score_b, z_b> = sum_b <y_b, z_b> / B,
-and the backward is elementwise given Y (kept from the forward):
+and the gradient is elementwise given Y:
     d loss / d z_v = -(target_v + lam y_v) / (V B).
 The row dots <z, d loss / d z> that the normalization's backward needs are also known from
-the forward (the align row dots and <y_b, z_b>), so the backward is one pass.
+the forward (the align row dots and <y_b, z_b>). So the forward computes the gradient for a
+unit upstream gradient in one more elementwise pass, and the backward is one multiply: on a
+GPU the whole loss is then one CUDA graph replay and one host sync (kernels/triton_ops.py).
 
 With a process group, the score comes from the unit rows of every process in it (gathered,
 no gradient) and each process keeps the rows of its own samples: the formulas above stay
@@ -24,14 +26,18 @@ from kernels.torch_ops import TorchOps
 _TORCH = TorchOps()
 
 
+def failed_views(info: torch.Tensor) -> list[int]:
+    """The views whose fp32 inversion failed (info != 0). Reading info is the one
+    device-to-host sync of the loss."""
+    return [v for v, code in enumerate(info.tolist()) if code]
+
+
 def redo_failed_fp64(
-    z: torch.Tensor, y: torch.Tensor, ms: torch.Tensor, tau: torch.Tensor, info: torch.Tensor, eta: float
+    z: torch.Tensor, y: torch.Tensor, ms: torch.Tensor, tau: torch.Tensor, failed: list[int], eta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, ms) with the views whose fp32 inversion failed (info != 0) redone in fp64 from z.
-    Reading info is the one device-to-host sync of the loss."""
-    failed = [v for v, code in enumerate(info.tolist()) if code]
+    """(y, ms) with the `failed` views redone in fp64 from z (new tensors; the inputs are kept)."""
+    y, ms = y.clone(), ms.clone()
     if failed:
-        y, ms = y.clone(), ms.clone()
         y[failed], ms[failed] = (x.to(y.dtype) for x in _retry_fp64(z[failed], tau[failed], eta))
     return y, ms
 
@@ -65,11 +71,12 @@ def gathered_score(
     dist.all_gather(parts, z.contiguous(), group=group)
     z_all = torch.cat(parts, dim=1)
     y, ms, tau, info = ops.score(z_all, eta, min_tau)
-    y, ms = redo_failed_fp64(z_all, y, ms, tau, info, eta)
+    failed = failed_views(info)
+    if failed:
+        y, ms = redo_failed_fp64(z_all, y, ms, tau, failed, eta)
     b = z.shape[1]
     rows = slice(rank * b, (rank + 1) * b)
-    # A copy, so that the backward keeps only the local rows alive, not the global Y.
-    return y[:, rows].contiguous(), ms[:, rows].contiguous(), tau
+    return y[:, rows], ms[:, rows], tau
 
 
 class MvebLossFunction(torch.autograd.Function):
@@ -81,25 +88,31 @@ class MvebLossFunction(torch.autograd.Function):
         with torch.autocast(online.device.type, enabled=False):
             dtype = compute_dtype(online)
             if group is None:
-                z, norms, t, rowdot, y, ms, tau, info = ops.forward_core(online, targets, dtype, eta, min_tau)
-                y, ms = redo_failed_fp64(z, y, ms, tau, info, eta)
+                loss, align, entropy_mean, tau, grad, info, *state = ops.forward_all(online, targets, dtype, eta,
+                                                                                     min_tau, lam)
+                failed = failed_views(info)
+                if failed:  # rare: the retry reads `state` before any other loss call can reuse it
+                    z, norms, t, rowdot, y, ms = state
+                    y, ms = redo_failed_fp64(z, y, ms, tau, failed, eta)
+                    loss, align, entropy_mean, grad = ops.loss_and_grad(z, norms, t, rowdot, y, ms, lam)
             else:
-                # The same steps as forward_core with the collective between them (so never
+                # The same steps as forward_all with the collective between them (so never
                 # inside the Triton op set's CUDA graph).
                 z, norms, t, rowdot = ops.normalize_align(online, targets, dtype)
                 y, ms, tau = gathered_score(z, eta, min_tau, ops, group)
-            loss, align, entropy_mean, dots = ops.finish(rowdot, ms, lam)
-        ctx.save_for_backward(z, norms, t, y, dots)
-        ctx.lam, ctx.ops, ctx.in_dtype = lam, ops, online.dtype
+                loss, align, entropy_mean, grad = ops.loss_and_grad(z, norms, t, rowdot, y, ms, lam)
+        ctx.save_for_backward(grad)
+        ctx.in_dtype = online.dtype
         ctx.mark_non_differentiable(align, entropy_mean, tau)
         return loss, align, entropy_mean, tau
 
     @staticmethod
     def backward(ctx, grad_loss, _align, _entropy, _tau):  # type: ignore[override]
-        z, norms, t, y, dots = ctx.saved_tensors
-        with torch.autocast(z.device.type, enabled=False):
-            grad = ctx.ops.grad_online(y, z, t, dots, norms, grad_loss.to(z.dtype), ctx.lam, ctx.in_dtype)
-        return grad, None, None, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        # The loss is linear in its upstream gradient's scale: one multiply, cast on the way out.
+        out = torch.empty(grad.shape, dtype=ctx.in_dtype, device=grad.device)
+        torch.mul(grad, grad_loss.to(grad.dtype), out=out)
+        return out, None, None, None, None, None, None
 
 
 def entropy_score_batched(x: torch.Tensor, eta: float, min_tau: float, ops: TorchOps) -> torch.Tensor:
@@ -107,5 +120,7 @@ def entropy_score_batched(x: torch.Tensor, eta: float, min_tau: float, ops: Torc
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         z = x.to(compute_dtype(x))
         y, ms, tau, info = ops.score(z, eta, min_tau)
-        y, _ = redo_failed_fp64(z, y, ms, tau, info, eta)
+        failed = failed_views(info)
+        if failed:
+            y, _ = redo_failed_fp64(z, y, ms, tau, failed, eta)
         return -y

@@ -2,7 +2,7 @@
 
 `TorchOps` is the op set the autograd Function in kernels/loss.py calls; the Triton op set
 (kernels/triton_ops.py) overrides the steps it fuses and inherits the rest, so both share
-one Cholesky, one retry policy and one closed-form backward.
+one Cholesky, one retry policy and one closed-form gradient (computed in the forward).
 
 Two ways to get Y = M Z = (K + eta I)^{-1} diag(r) Z / tau (score = -Y), chosen by B:
 - B < solve_min_b: P = (K + eta I)^{-1} (B x B), M = P diag(r) / tau, Y = M Z. Batched
@@ -60,14 +60,28 @@ class TorchOps:
     def __init__(self, solve_min_b: int = SOLVE_MIN_B) -> None:
         self.solve_min_b = solve_min_b
 
-    def forward_core(
-        self, online: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype, eta: float, min_tau: float
+    def forward_all(
+        self, online: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype, eta: float, min_tau: float, lam: float
     ) -> tuple[torch.Tensor, ...]:
-        """(z, norms, t, rowdot, y, ms, tau, info): everything of the forward that needs no
-        host sync (info != 0 marks the views the caller must redo in fp64)."""
+        """(loss, align, entropy, tau, grad, info, z, norms, t, rowdot, y, ms): the whole loss
+        and its gradient with no host sync, as if every view's fp32 inversion succeeded.
+
+        grad = d loss / d online for a unit upstream gradient, in `dtype`: it needs nothing the
+        forward does not already have, so the backward only scales it. info != 0 marks the
+        views the caller must redo in fp64 (from z ... ms, then loss_and_grad again).
+        """
         z, norms, t, rowdot = self.normalize_align(online, targets, dtype)
         y, ms, tau, info = self.score(z, eta, min_tau)
-        return z, norms, t, rowdot, y, ms, tau, info
+        loss, align, entropy, grad = self.loss_and_grad(z, norms, t, rowdot, y, ms, lam)
+        return loss, align, entropy, tau, grad, info, z, norms, t, rowdot, y, ms
+
+    def loss_and_grad(
+        self, z: torch.Tensor, norms: torch.Tensor, t: torch.Tensor, rowdot: torch.Tensor, y: torch.Tensor,
+        ms: torch.Tensor, lam: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, align, mean entropy, unit gradient) once Y and the row sums are known."""
+        loss, align, entropy, dots = self.finish(rowdot, ms, lam)
+        return loss, align, entropy, self.grad_online(y, z, t, dots, norms, lam)
 
     def score(
         self, z: torch.Tensor, eta: float, min_tau: float
@@ -162,7 +176,7 @@ class TorchOps:
         """(loss, align, mean entropy, dots) from the align row dots and the row sums of M * S.
 
         entropy_v = sum_b ms[v, b] / B; dots = rowdot + lam ms, so that the row dot
-        <z, d loss / d z> = -grad (rowdot + lam ms) / (V B) is known before the backward.
+        <z, d loss / d z> = -(rowdot + lam ms) / (V B) is known to the gradient's one pass.
         """
         views, b = rowdot.shape
         align = rowdot.sum() / b
@@ -170,13 +184,13 @@ class TorchOps:
         return -(align / views + lam * entropy), align, entropy, rowdot + lam * ms
 
     def grad_online(
-        self, y: torch.Tensor, z: torch.Tensor, t: torch.Tensor, dots: torch.Tensor, norms: torch.Tensor,
-        grad_loss: torch.Tensor, lam: float, out_dtype: torch.dtype,
+        self, y: torch.Tensor, z: torch.Tensor, t: torch.Tensor, dots: torch.Tensor, norms: torch.Tensor, lam: float
     ) -> torch.Tensor:
-        """d loss / d online: dz = scale (target + lam y), scale = -grad / (V B), y = M z, then
-        through the normalization: (dz - z <z, dz>) / |online|, with <z, dz> = scale * dots."""
+        """d loss / d online for a unit upstream gradient: dz = scale (target + lam y), scale =
+        -1 / (V B), y = M z, then through the normalization: (dz - z <z, dz>) / |online|, with
+        <z, dz> = scale * dots."""
         views, b, _ = z.shape
-        scale = -grad_loss / (views * b)
+        scale = -1.0 / (views * b)
         w = view_weights(views, z.dtype, z.device)
         dz = torch.einsum("vj,jbd->vbd", w, t).add_(y, alpha=lam) * scale
-        return ((dz - z * (scale * dots)[..., None]) / norms[..., None]).to(out_dtype)
+        return (dz - z * (scale * dots)[..., None]) / norms[..., None]

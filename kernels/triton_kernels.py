@@ -10,9 +10,10 @@
   the backward needs), in one read of P and S.
 - sweep_step: one block step of the in-place inversion of the SPD K + eta' I (a
   Gauss-Jordan sweep, Schur complements by tl.dot), with a failure flag per view.
-- finish: the loss, align and entropy scalars and the backward's row dots (1 program).
-- grad_online: the whole backward in one elementwise pass over y = M z (from the forward),
-  the alignment target, the scale and the normalization's backward.
+- finish: the loss, align and entropy scalars and the gradient's row dots (1 program).
+- grad_online: d loss / d online for a unit upstream gradient, in one elementwise pass over
+  y = M z, the alignment target, the scale and the normalization's backward (it runs in the
+  forward; the backward scales it).
 All work in fp32; inputs may be fp32, bf16 or fp16.
 """
 
@@ -158,11 +159,9 @@ def finish_kernel(rowdot_ptr, ms_ptr, dots_ptr, loss_ptr, align_ptr, entropy_ptr
 
 
 @triton.jit
-def grad_online_kernel(
-    y_ptr, z_ptr, t_ptr, dots_ptr, norms_ptr, grad_loss_ptr, out_ptr, V, B, D, lam, BLOCK_D: tl.constexpr
-):
-    """One program per online row: the alignment target, the scale and the normalization's
-    backward around y = M z (kept from the forward)."""
+def grad_online_kernel(y_ptr, z_ptr, t_ptr, dots_ptr, norms_ptr, out_ptr, V, B, D, lam, BLOCK_D: tl.constexpr):
+    """One program per online row: d loss / d online for a unit upstream gradient (the
+    alignment target, the scale and the normalization's backward around y = M z)."""
     row = tl.program_id(0)
     v = row // B
     b = row % B
@@ -172,7 +171,7 @@ def grad_online_kernel(
     w1, w2 = _view_weights(v)
     target = (w1 * tl.load(t_ptr + b * D + cols, mask=mask, other=0.0)
               + w2 * tl.load(t_ptr + (B + b) * D + cols, mask=mask, other=0.0))
-    scale = -tl.load(grad_loss_ptr) / (V * B)
+    scale = -1.0 / (V * B)
     dz = scale * (target + lam * tl.load(y_ptr + offs, mask=mask, other=0.0))
     z = tl.load(z_ptr + offs, mask=mask, other=0.0)
     grad = (dz - z * (scale * tl.load(dots_ptr + row))) / tl.load(norms_ptr + row)

@@ -3,12 +3,13 @@
 Forward: normalize_align (1 launch), Gram (cuBLAS SGEMM), radix select (1 fill + 4
 launches), kernel matrix (1), the SPD inverse by a blocked sweep and a Newton step (B / 32
 + 10 launches for B <= 512; cuSOLVER Cholesky and a B-wide triangular inverse up to
-solve_min_b; a per-view Cholesky solve above), operator (1), Y = M Z (cuBLAS), then the
-host reads the failure flags (1 sync) and finish (1).
-On CUDA at B <= 512 everything before the sync is one CUDA graph replay (kernels/graphs.py):
-2 input copies + 1 replay + 8 output copies instead of 20 + B / 32 launches from Python.
-Backward: 1 launch. fp64 inputs take the inherited PyTorch steps, so tests can still
-compare at 1e-10.
+solve_min_b; a per-view Cholesky solve above), operator (1), Y = M Z (cuBLAS), finish (1)
+and the unit gradient (1), then the host reads the failure flags (1 sync).
+On CUDA at B <= 512 all of that before the sync is one CUDA graph replay (kernels/graphs.py):
+2 input copies + 1 replay + 1 copy of the packed results, instead of about 25 + B / 32
+launches from Python, several of them through Triton's launcher (the costliest on the
+host). The backward is one multiply. fp64 inputs take the inherited PyTorch steps, so tests
+can still compare at 1e-10.
 """
 
 from __future__ import annotations
@@ -45,24 +46,28 @@ class TritonOps(TorchOps):
         self.sweep_max_b = sweep_max_b
         self.graphs = GraphCache() if graphs else None
 
-    def forward_core(
-        self, online: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype, eta: float, min_tau: float
+    def forward_all(
+        self, online: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype, eta: float, min_tau: float, lam: float
     ) -> tuple[torch.Tensor, ...]:
+        """TorchOps.forward_all, replayed as a CUDA graph where it is all sweep path.
+
+        The first five results come from one copy of a packed buffer, so they outlive the next
+        replay; info and the intermediates after it are the graph's own buffers, valid until
+        the next call (the caller reads them at once, for the rare fp64 retry)."""
         b = online.shape[1]
         if (self.graphs is None or not online.is_cuda or dtype != torch.float32 or b > self.sweep_max_b
                 or b >= self.solve_min_b or torch.cuda.is_current_stream_capturing()):
-            return super().forward_core(online, targets, dtype, eta, min_tau)
-        key = (tuple(online.shape), online.dtype, targets.dtype, online.device, eta, min_tau)
+            return super().forward_all(online, targets, dtype, eta, min_tau, lam)
+        key = (tuple(online.shape), online.dtype, targets.dtype, online.device, eta, min_tau, lam)
         try:
-            outputs = self.graphs.run(key, lambda o, t: TorchOps.forward_core(self, o, t, dtype, eta, min_tau),
-                                      (online, targets))
+            packed, info, *state = self.graphs.run(key, lambda o, t: _packed(TorchOps.forward_all(
+                self, o, t, dtype, eta, min_tau, lam)), (online, targets))
         except GraphCaptureError as e:
             warnings.warn(f"mveb_loss: CUDA graph capture failed, launching kernels one by one from now on ({e})",
                           RuntimeWarning, stacklevel=2)
             self.graphs = None
-            return super().forward_core(online, targets, dtype, eta, min_tau)
-        # The next replay overwrites the graph's buffers; callers keep these (autograd saves some).
-        return tuple(x.clone() for x in outputs)
+            return super().forward_all(online, targets, dtype, eta, min_tau, lam)
+        return (*_unpacked(packed.clone(), online.shape), info, *state)
 
     def normalize_align(
         self, online: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype
@@ -149,13 +154,26 @@ class TritonOps(TorchOps):
         return loss, align, entropy, dots
 
     def grad_online(
-        self, y: torch.Tensor, z: torch.Tensor, t: torch.Tensor, dots: torch.Tensor, norms: torch.Tensor,
-        grad_loss: torch.Tensor, lam: float, out_dtype: torch.dtype,
+        self, y: torch.Tensor, z: torch.Tensor, t: torch.Tensor, dots: torch.Tensor, norms: torch.Tensor, lam: float
     ) -> torch.Tensor:
         if z.dtype != torch.float32:
-            return super().grad_online(y, z, t, dots, norms, grad_loss, lam, out_dtype)
+            return super().grad_online(y, z, t, dots, norms, lam)
         views, b, d = z.shape
-        out = torch.empty(z.shape, dtype=out_dtype, device=z.device)
-        tk.grad_online_kernel[(views * b,)](y.contiguous(), z, t, dots, norms, grad_loss.reshape(1), out, views, b, d,
-                                           lam, BLOCK_D=triton.next_power_of_2(d))
+        out = torch.empty_like(z)
+        tk.grad_online_kernel[(views * b,)](y.contiguous(), z, t, dots, norms, out, views, b, d, lam,
+                                           BLOCK_D=triton.next_power_of_2(d))
         return out
+
+
+def _packed(results: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """(one fp32 buffer holding loss, align, entropy, tau and grad, then the rest): a single
+    copy then saves all that must outlive the graph's next replay."""
+    loss, align, entropy, tau, grad, *rest = results
+    return torch.cat([torch.stack([loss, align, entropy]), tau, grad.flatten()]), *rest
+
+
+def _unpacked(packed: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, ...]:
+    """(loss, align, entropy, tau, grad) as views of a copy of _packed's buffer."""
+    views = shape[0]
+    loss, align, entropy = packed[:3].unbind()
+    return loss, align, entropy, packed[3:3 + views], packed[3 + views:].view(shape)

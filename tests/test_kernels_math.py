@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import entropy_score, mveb_loss
-from kernels.loss import MvebLossFunction, redo_failed_fp64
+from kernels.loss import MvebLossFunction, failed_views, redo_failed_fp64
 from kernels.reference import entropy_score_literal, median_tau, mveb_loss_literal, mveb_loss_reference, view_targets
 from kernels.torch_ops import TorchOps
 
@@ -256,7 +256,7 @@ def test_failed_fp32_cholesky_is_retried_in_fp64(solve_min_b: int) -> None:
     assert info.item() != 0
     y, ms, tau, info = TorchOps(solve_min_b).score(z, ETA, MIN_TAU)
     assert info.item() != 0
-    y, ms = redo_failed_fp64(z, y, ms, tau, info, ETA)
+    y, ms = redo_failed_fp64(z, y, ms, tau, failed_views(info), ETA)
     assert tau.item() == pytest.approx(MIN_TAU)
     want = entropy_score_literal(z[0].double())
     # cond(K + eta I) ~ 1e8 here: the fp64 retry keeps it to 1e-6 (fp32 storage of y).

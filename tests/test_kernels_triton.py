@@ -140,6 +140,21 @@ def test_interpreted_nan_input_gives_nan_loss(interpreted: dict) -> None:
     assert torch.isnan(interpreted["nan"])
 
 
+def test_graph_path_packs_exactly_what_outlives_the_replay() -> None:
+    """The CUDA graph path copies forward_all's first five results out of one packed buffer:
+    the copy must give them back bit for bit, in their shapes (checked here on CPU)."""
+    from kernels.torch_ops import TorchOps
+    from kernels.triton_ops import _packed, _unpacked
+
+    online, targets = make_views("random", 3, 7, 5, seed=0, dtype=torch.float32)
+    results = TorchOps().forward_all(online.detach(), targets, torch.float32, 0.01, 0.1, LAM)
+    packed, *rest = _packed(results)
+    got = _unpacked(packed.clone(), online.shape)
+    assert [tuple(x.shape) for x in got] == [(), (), (), (3,), (3, 7, 5)]
+    assert all(torch.equal(a, b) for a, b in zip(got, results[:5]))
+    assert all(a is b for a, b in zip(rest, results[5:]))
+
+
 F32 = "*fp32"
 SM90_SIGNATURES = {  # kernel: (signature, constexprs) as kernels/triton_ops.py launches them on a GPU
     "normalize_align_kernel": ({"online_ptr": "*bf16", "targets_ptr": "*bf16", "z_ptr": F32, "t_ptr": F32,
@@ -155,7 +170,7 @@ SM90_SIGNATURES = {  # kernel: (signature, constexprs) as kernels/triton_ops.py 
     "finish_kernel": ({"rowdot_ptr": F32, "ms_ptr": F32, "dots_ptr": F32, "loss_ptr": F32, "align_ptr": F32,
                        "entropy_ptr": F32, "V": "i32", "B": "i32", "lam": "fp32", "BLOCK": "constexpr"}, {"BLOCK": 4096}),
     "grad_online_kernel": ({"y_ptr": F32, "z_ptr": F32, "t_ptr": F32, "dots_ptr": F32, "norms_ptr": F32,
-                            "grad_loss_ptr": F32, "out_ptr": "*bf16", "V": "i32", "B": "i32", "D": "i32", "lam": "fp32",
+                            "out_ptr": F32, "V": "i32", "B": "i32", "D": "i32", "lam": "fp32",
                             "BLOCK_D": "constexpr"}, {"BLOCK_D": 2048}),
     "sweep_step_kernel": ({"a_in": F32, "a_out": F32, "info_ptr": "*i32", "B": "i32", "K": "i32", "sign": "fp32",
                            "T": "constexpr"}, {"T": 32}),
