@@ -32,6 +32,8 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loader", default="synthetic", help="synthetic, ffcv, dali, torch or a comma list")
     p.add_argument("--data", default=None, help="ImageFolder for the real loaders")
     p.add_argument("--compile", action="store_true", help="also time the step with the backbones compiled, and feed the loaders to that one")
+    p.add_argument("--priority-stream", action="store_true",
+                   help="also feed each loader to the step run on a high-priority CUDA stream")
     p.add_argument("--steps", type=int, default=None, help="timed steps")
     p.add_argument("--config", default=None, choices=["imagenet_rn50", "demo"],
                    help="model and recipe preset (default: imagenet_rn50 on CUDA, demo on CPU)")

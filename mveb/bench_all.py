@@ -84,7 +84,8 @@ def bench_all(device: str, data: str | None, out: Path, compile: bool = True) ->
         _part("step_b128", ["bench", "step", "--device", "cuda", "--batch-size", "128"] + fast,
               out / "step_b128.json", results)
         _part("step", ["bench", "step", "--device", "cuda", "--batch-size", str(step_b), "--no-official",
-                       "--loader", "synthetic,dali", "--data", data] + fast, out / "step.json", results)
+                       "--loader", "synthetic,dali", "--priority-stream", "--data", data] + fast,
+              out / "step.json", results)
     else:
         _part("step", ["bench", "step", "--device", "cpu", "--batch-size", str(step_b), "--loader", "synthetic,torch",
                        "--data", data], out / "step.json", results)

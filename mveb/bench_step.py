@@ -8,7 +8,9 @@ like on a shared, noisy machine:
   LARS, bf16), the compute ceiling;
 - `mveb+compile`: the same with the online and momentum backbones compiled (with --compile);
 - `mveb <loader>` (or `mveb+compile <loader>` with --compile): the fastest step above fed by
-  a real loader, with its data-wait fraction and its ratio to that step on synthetic data.
+  a real loader, with its data-wait fraction and its ratio to that step on synthetic data;
+- `... <loader> +priority` (with --priority-stream): the same with the step on a
+  high-priority CUDA stream (precision.priority_stream).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Iterator
 
 import torch
 
-from mveb.devices import resolve_device, synchronize
+from mveb.devices import resolve_device, step_stream, synchronize
 from mveb.errors import UsageError
 from mveb.files import write_atomic
 from pipeline.batch import MultiCropBatch
@@ -68,6 +70,12 @@ def synthetic_batch(cfg: Config, device: torch.device, dtype: torch.dtype) -> Mu
 def run_variant(name: str, cfg: Config, device: torch.device, batches: Iterator[MultiCropBatch],
                 steps: int, warmup: int, per_parameter_lars: bool = False) -> dict[str, Any]:
     """Time `steps` training steps after `warmup` ones; phases from the trainer's PhaseTimer."""
+    with step_stream(device, cfg.precision.priority_stream):
+        return _run_variant(name, cfg, device, batches, steps, warmup, per_parameter_lars)
+
+
+def _run_variant(name: str, cfg: Config, device: torch.device, batches: Iterator[MultiCropBatch],
+                 steps: int, warmup: int, per_parameter_lars: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_distributed=False)
     timer = PhaseTimer(device, enabled=True)
@@ -114,7 +122,7 @@ def _loader_batches(backend: str, data: str, cfg: Config, device: torch.device, 
 
 def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tuple[str, ...] = ("synthetic",),
                data: str | None = None, compile: bool = False, steps: int | None = None,
-               official: bool = True, config: str | None = None) -> dict[str, Any]:
+               official: bool = True, config: str | None = None, priority_stream: bool = False) -> dict[str, Any]:
     dev = resolve_device(device)
     on_gpu = dev.type == "cuda"
     cfg = get_config(config or ("imagenet_rn50" if on_gpu else "demo"), ["run.progress=false"])
@@ -146,6 +154,10 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
     for backend in real:
         results.append(run_variant(f"{name} {backend}", fast, dev, _loader_batches(backend, data, fast, dev, dtype),
                                    steps, warmup))
+        if priority_stream:
+            prio = replace(fast, precision=replace(fast.precision, priority_stream=True))
+            results.append(run_variant(f"{name} {backend} +priority", prio, dev,
+                                       _loader_batches(backend, data, prio, dev, dtype), steps, warmup))
     eager = next(r for r in results if r["variant"] == "mveb")["samples_per_s"]
     synthetic = next(r for r in results if r["variant"] == name)["samples_per_s"]
     for r in results:
@@ -174,7 +186,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     report = bench_step(args.device, args.batch_size, tuple(args.loader.split(",")), args.data, args.compile,
-                        args.steps, official=not args.no_official, config=args.config)
+                        args.steps, official=not args.no_official, config=args.config,
+                        priority_stream=args.priority_stream)
     print(f"MVEB step on {report['device_name']} ({report['arch']}), phases in ms per step:")
     print(format_table(report))
     if args.json:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import Any, ContextManager
+
 import torch
 
 from mveb.errors import UsageError
@@ -15,6 +18,19 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on the CPU), so wall clocks measure it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def step_stream(device: torch.device, high_priority: bool) -> ContextManager[Any]:
+    """Make a high-priority CUDA stream current (a no-op on the CPU or when off).
+
+    A GPU loader (DALI) runs its kernels on its own streams, beside the training step's: with
+    the step's stream at a higher priority the GPU schedules the step's blocks first and the
+    loader's fill the gaps, instead of both slowing down. Whether that keeps the loader fed
+    is for `mveb bench step --priority-stream` to show.
+    """
+    if not high_priority or device.type != "cuda":
+        return nullcontext()
+    return torch.cuda.stream(torch.cuda.Stream(device, priority=-1))  # lower number, higher priority
 
 
 def resolve_device(name: str) -> torch.device:

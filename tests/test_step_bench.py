@@ -12,16 +12,18 @@ from train.phases import PHASES
 
 
 def test_step_bench_phases_add_up_and_loader_is_compared(photo_train: Path) -> None:
-    report = bench_step("cpu", batch_size=4, loaders=("synthetic", "torch"), data=str(photo_train), steps=3)
+    report = bench_step("cpu", batch_size=4, loaders=("synthetic", "torch"), data=str(photo_train), steps=3,
+                        priority_stream=True)
     rows = {r["variant"]: r for r in report["results"]}
-    assert list(rows) == ["official-style", "mveb", "mveb torch"]
+    assert list(rows) == ["official-style", "mveb", "mveb torch", "mveb torch +priority"]
     for r in rows.values():
         assert set(r["phases_ms"]) == set(PHASES)
         # The phases cover the whole step: what is left is Python between them.
         assert abs(r["unaccounted_ms"]) <= 0.05 * r["step_ms"], r
     fed = rows["mveb torch"]
     assert fed["data_wait_fraction"] > 0 and fed["phases_ms"]["data_wait"] > 0
-    assert fed["ratio_to_synthetic"] == pytest.approx(fed["samples_per_s"] / rows["mveb"]["samples_per_s"])
+    for fed in (rows["mveb torch"], rows["mveb torch +priority"]):
+        assert fed["ratio_to_synthetic"] == pytest.approx(fed["samples_per_s"] / rows["mveb"]["samples_per_s"])
     assert "ratio_to_synthetic" not in rows["mveb"]
     table = format_table(report)
     assert table.count("\n") == 1 + len(rows) and "x synthetic" in table

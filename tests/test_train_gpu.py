@@ -74,3 +74,14 @@ def test_compiled_backbone_step() -> None:
     out = trainer.step(_batch(cfg, torch.bfloat16), 0)
     assert math.isfinite(float(out["loss"]))
     assert all(k.startswith(("backbone.", "projector.")) for k in trainer.state_dict()["model"])
+
+
+def test_step_on_a_priority_stream() -> None:
+    from mveb.devices import step_stream
+
+    trainer, cfg = _trainer()
+    with step_stream(torch.device("cuda", 0), True):
+        assert torch.cuda.current_stream().priority < torch.cuda.default_stream().priority
+        out = trainer.step(_batch(cfg, torch.bfloat16), 0)
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert math.isfinite(float(out["loss"])) and not out["skipped"]

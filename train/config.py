@@ -81,6 +81,8 @@ class LossConfig:
 class PrecisionConfig:
     amp: str = "bf16"  # bf16 | fp16 (with GradScaler) | fp32, on CUDA; a CPU run is fp32 (train/step.py amp_dtype)
     compile: bool = False
+    # Run the step on a high-priority CUDA stream, ahead of a GPU loader's kernels (mveb.devices.step_stream).
+    priority_stream: bool = False
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as torch_dist
 from tqdm import tqdm
 
+from mveb.devices import step_stream
 from mveb.files import written_atomically
 from pipeline.images import usable_cpus
 from pipeline.loaders import build_loader
@@ -37,7 +38,8 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     dist = init_distributed(cfg.dist.backend, cfg.dist.timeout_minutes)
     threads = torch.get_num_threads()
     try:
-        return _train(cfg, dist)
+        with step_stream(dist.device, cfg.precision.priority_stream):
+            return _train(cfg, dist)
     finally:
         torch.set_num_threads(threads)
         cleanup_distributed()
