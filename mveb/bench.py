@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction, *, loader: AddArgs, kernels: AddAr
     a.add_argument("--device", default="auto")
     a.add_argument("--data", default=None, help="ImageFolder for the loader benchmarks (default: the demo set)")
     a.add_argument("--out", default="bench-results", help="folder for summary.md, results.json, chart.png")
+    a.add_argument("--parts", default="loader,kernels,step",
+                   help="which parts to run; the others are kept from an earlier results.json in --out")
     a.add_argument("--no-compile", action="store_true",
                    help="on CUDA, time only the eager step (skips the compiled step and its minutes of compiling)")
     a.set_defaults(func=_bench_all)

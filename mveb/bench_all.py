@@ -20,6 +20,7 @@ import torch
 
 from mveb.bench_step import format_table as step_table
 from mveb.devices import resolve_device
+from mveb.errors import UsageError
 from mveb.files import write_atomic
 
 
@@ -58,35 +59,48 @@ def _part(name: str, argv: list[str], json_path: Path, results: dict[str, Any]) 
         print(f"bench {name} failed: {results[name]['error']}", flush=True)
 
 
-def bench_all(device: str, data: str | None, out: Path, compile: bool = True) -> dict[str, Any]:
+PARTS = ("loader", "kernels", "step")
+
+
+def bench_all(device: str, data: str | None, out: Path, compile: bool = True,
+              parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
+    """Run `parts` (loader, kernels, step) into `out`. The parts not run this time are kept from
+    an earlier results.json in `out`, so a long run can be split over calls, or one part rerun."""
+    bad = [p for p in parts if p not in PARTS]
+    if bad or not parts:
+        raise UsageError(f"--parts takes a comma list of {', '.join(PARTS)}, got {','.join(parts)!r}")
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
     out.mkdir(parents=True, exist_ok=True)
-    if data is None:
+    if data is None and ("loader" in parts or "step" in parts):
         from pipeline.demo_photos import build_photo_folder
 
         # ImageNet-like JPEG sizes (about 500 px), so decode cost is representative, and enough
         # images for several batches per epoch, so epoch boundaries do not dominate.
         data = str(build_photo_folder(out / "photos", per_class_train=256 if gpu else 8, per_class_val=1,
                                       side=500) / "train")
-    results: dict[str, Any] = {"machine": machine(), "device": str(dev)}
+    earlier = out / "results.json"
+    results: dict[str, Any] = json.loads(earlier.read_text()) if earlier.exists() and parts != PARTS else {}
+    results.update({"machine": machine(), "device": str(dev)})
     loader_b, step_b = (256, 256) if gpu else (32, 8)
-    _part("loader", ["bench", "loader", "--data", data, "--backends", "dali,ffcv,torch", "--device", dev.type,
-                     "--batch-size", str(loader_b), "--seconds", "15" if gpu else "10",
-                     "--dtype", "bf16" if gpu else "fp32"], out / "loader.json", results)
-    # The variants that tell the story; each case is also profiled once, so keep the list short.
-    _part("kernels", ["bench", "kernels", "--device", dev.type, "--seconds", "0.3",
-                      "--impls", "reference-literal,reference,torch,triton,triton-eager"]
-          + ([] if gpu else ["--batch-sizes", "128,256"]),
-          out / "kernels.json", results)
-    if gpu:  # the official batch (vs the official-style step) and the fast-path batch (vs DALI-fed)
+    if "loader" in parts:
+        _part("loader", ["bench", "loader", "--data", data, "--backends", "dali,ffcv,torch", "--device", dev.type,
+                         "--batch-size", str(loader_b), "--seconds", "15" if gpu else "10",
+                         "--dtype", "bf16" if gpu else "fp32"], out / "loader.json", results)
+    if "kernels" in parts:
+        # The variants that tell the story; each case is also profiled once, so keep the list short.
+        _part("kernels", ["bench", "kernels", "--device", dev.type, "--seconds", "0.3",
+                          "--impls", "reference-literal,reference,torch,triton,triton-eager"]
+              + ([] if gpu else ["--batch-sizes", "128,256"]),
+              out / "kernels.json", results)
+    if "step" in parts and gpu:  # the official batch (vs the official-style step) and the fast-path batch (vs DALI-fed)
         fast = ["--compile"] if compile else []
         _part("step_b128", ["bench", "step", "--device", "cuda", "--batch-size", "128"] + fast,
               out / "step_b128.json", results)
         _part("step", ["bench", "step", "--device", "cuda", "--batch-size", str(step_b), "--no-official",
                        "--loader", "synthetic,dali", "--priority-stream", "--data", data] + fast,
               out / "step.json", results)
-    else:
+    elif "step" in parts:
         _part("step", ["bench", "step", "--device", "cpu", "--batch-size", str(step_b), "--loader", "synthetic,torch",
                        "--data", data], out / "step.json", results)
     write_atomic(out / "results.json", json.dumps(results, indent=1))
@@ -159,5 +173,6 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    bench_all(args.device, args.data, Path(args.out), compile=not args.no_compile)
+    bench_all(args.device, args.data, Path(args.out), compile=not args.no_compile,
+              parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()))
     return 0

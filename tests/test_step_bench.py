@@ -1,8 +1,10 @@
-"""`mveb bench step` on this machine's CPU: every variant runs, the phases add up to the step,
-and the loader-fed rows are compared with the synthetic step they feed."""
+"""`mveb bench step` and `bench all` on this machine's CPU: every variant runs, the phases add up
+to the step, the loader-fed rows are compared with the synthetic step they feed, and the parts
+of `bench all` can run apart."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,24 @@ def test_step_bench_compile_feeds_the_loader_to_the_compiled_step(photo_train: P
     assert fed["ratio_to_synthetic"] == pytest.approx(fed["samples_per_s"] / compiled["samples_per_s"])
     assert compiled["ratio_to_mveb_synthetic"] == pytest.approx(compiled["samples_per_s"] / rows["mveb"]["samples_per_s"])
     assert compiled["skipped_steps"] == 0
+
+
+@pytest.mark.slow
+def test_bench_all_parts_run_apart_and_merge(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`bench all` split over two calls (as a GPU host's time limit per call may need) gives one
+    results.json, summary and chart holding both parts."""
+    from mveb.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "all", "--device", "cpu", "--out", str(out), "--parts", "kernels"]) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert "kernels" in first and "step" not in first and not (out / "photos").exists()
+    assert main(["bench", "all", "--device", "cpu", "--out", str(out), "--parts", "step"]) == 0
+    both = json.loads((out / "results.json").read_text())
+    assert both["kernels"] == first["kernels"]
+    assert [r["variant"] for r in both["step"]["results"]] == ["official-style", "mveb", "mveb torch"]
+    summary = (out / "summary.md").read_text()
+    assert "## MVEB loss" in summary and "## Training step" in summary and (out / "chart.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["bench", "all", "--device", "cpu", "--out", str(out), "--parts", "kernels,gpu"]) == 2
+    assert "--parts takes a comma list" in capsys.readouterr().err
