@@ -85,3 +85,16 @@ def test_step_on_a_priority_stream() -> None:
         out = trainer.step(_batch(cfg, torch.bfloat16), 0)
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
     assert math.isfinite(float(out["loss"])) and not out["skipped"]
+
+
+def test_cuda_step_keeps_every_image_tensor_channels_last() -> None:
+    """Under bf16 autocast on CUDA (cuDNN picks the kernels): no op reads or writes an NCHW image."""
+    from test_train_fast_path import ImageLayouts
+
+    trainer, cfg = _trainer()
+    batch = _batch(cfg, torch.bfloat16)
+    trainer.step(batch, 0)
+    with ImageLayouts() as layouts:
+        trainer.step(batch, 1)
+    assert layouts.convolutions > 3 * 20
+    assert not layouts.nchw, f"ops that read or wrote NCHW image tensors: {dict(layouts.nchw)}"
