@@ -163,7 +163,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
         axes[1].plot(*zip(*pts), marker="o", label=impl)
     axes[1].set(xscale="log", yscale="log", xlabel="B", ylabel="ms", title="MVEB loss fwd+bwd, 8 views")
     axes[1].legend(fontsize=8)
-    steps = [r for key in ("step_b128", "step") for r in results.get(key, {}).get("results", [])]
+    steps = [r for key in ("step_b128", "step") for r in results.get(key, {}).get("results", []) if "error" not in r]
     axes[2].barh([f"{r['variant']} B{r['batch_size']}" for r in steps], [r["samples_per_s"] for r in steps],
                  color="tab:green")
     axes[2].set_title("training step samples/s")

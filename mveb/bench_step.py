@@ -136,31 +136,44 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
         raise UsageError(f"--data {data} does not exist")
     dtype = amp_dtype(cfg.precision.amp, dev) or torch.float32
 
-    results = []
+    results: list[dict[str, Any]] = []
+
+    def attempt(name: str, cfg: Config, batches: Iterator[MultiCropBatch], **kw: Any) -> bool:
+        """Run one variant; one that fails (a compile error, a broken loader) becomes an error
+        row, and the variants after it still run."""
+        try:
+            results.append(run_variant(name, cfg, dev, batches, steps, warmup, **kw))
+            return True
+        except Exception as e:  # noqa: BLE001 - the other variants are still worth measuring
+            error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            results.append({"variant": name, "batch_size": cfg.data.batch_size, "error": error})
+            print(f"bench step: {name} failed: {error}", flush=True)
+            return False
+
     if official:
         # fp16 as the official code on GPUs; on a CPU fp16 is emulated and would only measure that.
         off = replace(cfg, model=replace(cfg.model, per_view_forward=True),
                       loss=replace(cfg.loss, impl="reference-literal"),
                       precision=replace(cfg.precision, amp="fp16" if on_gpu else "fp32"))
         batch = synthetic_batch(off, dev, amp_dtype(off.precision.amp, dev) or torch.float32)
-        results.append(run_variant("official-style", off, dev, itertools.repeat(batch), steps, warmup,
-                                   per_parameter_lars=True))
+        attempt("official-style", off, itertools.repeat(batch), per_parameter_lars=True)
     batch = synthetic_batch(cfg, dev, dtype)
-    results.append(run_variant("mveb", cfg, dev, itertools.repeat(batch), steps, warmup))
+    results.append(run_variant("mveb", cfg, dev, itertools.repeat(batch), steps, warmup))  # the baseline: no fallback
     fast, name = cfg, "mveb"
     if compile:  # the loaders then feed the compiled step: the fast path is what they must keep busy
-        fast, name = replace(cfg, precision=replace(cfg.precision, compile=True)), "mveb+compile"
-        results.append(run_variant(name, fast, dev, itertools.repeat(batch), steps, warmup))
+        compiled = replace(cfg, precision=replace(cfg.precision, compile=True))
+        if attempt("mveb+compile", compiled, itertools.repeat(batch)):
+            fast, name = compiled, "mveb+compile"
     for backend in real:
-        results.append(run_variant(f"{name} {backend}", fast, dev, _loader_batches(backend, data, fast, dev, dtype),
-                                   steps, warmup))
+        attempt(f"{name} {backend}", fast, _loader_batches(backend, data, fast, dev, dtype))
         if priority_stream:
             prio = replace(fast, precision=replace(fast.precision, priority_stream=True))
-            results.append(run_variant(f"{name} {backend} +priority", prio, dev,
-                                       _loader_batches(backend, data, prio, dev, dtype), steps, warmup))
+            attempt(f"{name} {backend} +priority", prio, _loader_batches(backend, data, prio, dev, dtype))
     eager = next(r for r in results if r["variant"] == "mveb")["samples_per_s"]
     synthetic = next(r for r in results if r["variant"] == name)["samples_per_s"]
     for r in results:
+        if "error" in r:
+            continue
         r["ratio_to_mveb_synthetic"] = r["samples_per_s"] / eager
         if r["variant"].startswith(name + " "):
             r["ratio_to_synthetic"] = r["samples_per_s"] / synthetic
@@ -175,6 +188,9 @@ def format_table(report: dict[str, Any]) -> str:
     cols = ["variant", "B", "samples/s", "x mveb", "x synthetic", "step ms", "data wait"] + list(PHASES[1:]) + ["other"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['batch_size']} | failed: {r['error'][:120]} |" + " - |" * (len(cols) - 3))
+            continue
         ph = r["phases_ms"]
         fed = f"{r['ratio_to_synthetic']:.3f}" if "ratio_to_synthetic" in r else "-"
         row = [r["variant"], str(r["batch_size"]), f"{r['samples_per_s']:.1f}", f"{r['ratio_to_mveb_synthetic']:.2f}",

@@ -31,6 +31,19 @@ def test_step_bench_phases_add_up_and_loader_is_compared(photo_train: Path) -> N
     assert table.count("\n") == 1 + len(rows) and "x synthetic" in table
 
 
+def test_step_bench_reports_a_failing_variant_and_runs_the_rest(tmp_path: Path) -> None:
+    """A loader that cannot start (an ImageFolder with no images) is an error row; the
+    synthetic variants before it keep their numbers and the table still prints."""
+    (tmp_path / "empty" / "class0").mkdir(parents=True)
+    report = bench_step("cpu", batch_size=4, loaders=("synthetic", "torch"), data=str(tmp_path / "empty"), steps=2,
+                        official=False, priority_stream=True)
+    rows = {r["variant"]: r for r in report["results"]}
+    assert list(rows) == ["mveb", "mveb torch", "mveb torch +priority"]
+    assert rows["mveb"]["samples_per_s"] > 0
+    assert "error" in rows["mveb torch"] and "error" in rows["mveb torch +priority"]
+    assert "failed: " in format_table(report)
+
+
 @pytest.mark.slow
 def test_step_bench_compile_feeds_the_loader_to_the_compiled_step(photo_train: Path) -> None:
     report = bench_step("cpu", batch_size=4, loaders=("synthetic", "torch"), data=str(photo_train), steps=2,
