@@ -20,6 +20,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from kernels.torch_ops import TorchOps
 
@@ -107,6 +108,7 @@ class MvebLossFunction(torch.autograd.Function):
         return loss, align, entropy_mean, tau
 
     @staticmethod
+    @once_differentiable  # create_graph=True works; differentiating the gradient again raises
     def backward(ctx, grad_loss, _align, _entropy, _tau):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
         # The loss is linear in its upstream gradient's scale: one multiply, cast on the way out.

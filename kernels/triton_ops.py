@@ -173,7 +173,15 @@ def _packed(results: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 
 
 def _unpacked(packed: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, ...]:
-    """(loss, align, entropy, tau, grad) as views of a copy of _packed's buffer."""
+    """(loss, align, entropy, tau, grad) over disjoint slices of a copy of _packed's buffer.
+
+    Not views (Tensor.set_ on the copy's storage): views of one base share its version counter,
+    so an in-place op on the loss or a part (loss /= k, parts["tau"].zero_()) would make the
+    backward fail, which the eager path's separate tensors allow. No copy, no launch."""
     views = shape[0]
-    loss, align, entropy = packed[:3].unbind()
-    return loss, align, entropy, packed[3:3 + views], packed[3 + views:].view(shape)
+    storage, base = packed.untyped_storage(), packed.storage_offset()
+
+    def part(start: int, size: tuple[int, ...]) -> torch.Tensor:
+        return torch.empty(0, dtype=packed.dtype, device=packed.device).set_(storage, base + start, size)
+
+    return part(0, ()), part(1, ()), part(2, ()), part(3, (views,)), part(3 + views, tuple(shape))

@@ -72,6 +72,11 @@ def bench_all(device: str, data: str | None, out: Path, compile: bool = True,
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
     out.mkdir(parents=True, exist_ok=True)
+    earlier = out / "results.json"
+    results: dict[str, Any] = json.loads(earlier.read_text()) if earlier.exists() and set(parts) != set(PARTS) else {}
+    if results.get("device", str(dev)) != str(dev):  # its parts would be summarized as this device's
+        raise UsageError(f"{earlier} holds a run on {results['device']}, not {dev}: --parts would merge the two; "
+                         f"use another --out")
     if data is None and ("loader" in parts or "step" in parts):
         from pipeline.demo_photos import build_photo_folder
 
@@ -79,8 +84,6 @@ def bench_all(device: str, data: str | None, out: Path, compile: bool = True,
         # images for several batches per epoch, so epoch boundaries do not dominate.
         data = str(build_photo_folder(out / "photos", per_class_train=256 if gpu else 8, per_class_val=1,
                                       side=500) / "train")
-    earlier = out / "results.json"
-    results: dict[str, Any] = json.loads(earlier.read_text()) if earlier.exists() and parts != PARTS else {}
     results.update({"machine": machine(), "device": str(dev)})
     loader_b, step_b = (256, 256) if gpu else (32, 8)
     if "loader" in parts:

@@ -146,6 +146,21 @@ def test_gradcheck_closed_form_backward_fp64() -> None:
     assert torch.autograd.gradcheck(f, (online.detach().requires_grad_(),), eps=1e-6, atol=1e-9, rtol=1e-6)
 
 
+def test_create_graph_through_a_weighted_loss() -> None:
+    """create_graph=True with an upstream gradient that itself requires grad: the first-order
+    gradient is the weight times the unit one (the backward's out= multiply refused this);
+    differentiating it again is refused with a clear error, not answered without the
+    second-order terms the closed form does not have."""
+    online, targets = make_views("random", 3, 8, 5, seed=13)
+    o = online.detach().requires_grad_()
+    w = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    (unit,) = torch.autograd.grad(mveb_loss(o, targets, impl="torch"), o)
+    (grad,) = torch.autograd.grad(w * mveb_loss(o, targets, impl="torch"), o, create_graph=True)
+    assert torch.allclose(grad, 2.5 * unit, rtol=1e-14, atol=0)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
 def test_list_and_stacked_inputs_agree() -> None:
     online, targets = make_views("random", 4, 10, 6, seed=6)
     stacked = mveb_loss(online, targets, impl="torch")

@@ -155,6 +155,40 @@ def test_graph_path_packs_exactly_what_outlives_the_replay() -> None:
     assert all(a is b for a, b in zip(rest, results[5:]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_path_results_are_separate_tensors_to_autograd(dtype: torch.dtype) -> None:
+    """The loss through the graph path's packing (simulated on CPU): the same loss and input
+    gradient as the eager path for a scaled upstream gradient (GradScaler's) and a bf16 input,
+    and in-place ops on the loss or a part before the backward work there as they do eagerly
+    (views of one buffer share a version counter and made that backward fail)."""
+    from kernels.loss import MvebLossFunction
+    from kernels.torch_ops import TorchOps
+    from kernels.triton_ops import _packed, _unpacked
+
+    class PackedOps(TorchOps):  # TritonOps.forward_all's graph path, less the graph
+        def forward_all(self, online, targets, dtype, eta, min_tau, lam):  # type: ignore[no-untyped-def]
+            packed, info, *state = _packed(super().forward_all(online, targets, dtype, eta, min_tau, lam))
+            return (*_unpacked(packed.clone(), online.shape), info, *state)
+
+    online, targets = make_views("random", 3, 7, 5, seed=1, dtype=dtype)
+    grads = {}
+    for name, ops in (("eager", TorchOps()), ("packed", PackedOps()), ("packed+inplace", PackedOps())):
+        o = online.detach().clone().requires_grad_()
+        loss, align, entropy, tau = MvebLossFunction.apply(o, targets, LAM, 0.01, 0.1, ops)
+        if name.endswith("inplace"):
+            align.mul_(2), entropy.zero_(), tau.zero_()
+            loss /= 4
+            loss *= 4
+        (loss * 1024.0).backward()
+        assert o.grad.dtype == dtype
+        grads[name] = (loss.detach(), o.grad)
+    for name in ("packed", "packed+inplace"):
+        assert torch.equal(grads[name][0], grads["eager"][0]) and torch.equal(grads[name][1], grads["eager"][1]), name
+    o = online.detach().float().requires_grad_()
+    (unit,) = torch.autograd.grad(MvebLossFunction.apply(o, targets, LAM, 0.01, 0.1, TorchOps())[0], o)
+    assert torch.equal(grads["eager"][1], (unit * 1024.0).to(dtype))
+
+
 F32 = "*fp32"
 SM90_SIGNATURES = {  # kernel: (signature, constexprs) as kernels/triton_ops.py launches them on a GPU
     "normalize_align_kernel": ({"online_ptr": "*bf16", "targets_ptr": "*bf16", "z_ptr": F32, "t_ptr": F32,

@@ -75,3 +75,18 @@ def test_bench_all_parts_run_apart_and_merge(tmp_path: Path, capsys: pytest.Capt
     capsys.readouterr()
     assert main(["bench", "all", "--device", "cpu", "--out", str(out), "--parts", "kernels,gpu"]) == 2
     assert "--parts takes a comma list" in capsys.readouterr().err
+
+
+def test_bench_all_parts_refuse_to_merge_another_devices_results(tmp_path: Path) -> None:
+    """--parts keeps the other parts of an earlier results.json: one from another device (a GPU
+    run in the same folder) is refused rather than summarized as this machine's."""
+    from mveb.bench_all import bench_all
+    from mveb.errors import UsageError
+
+    out = tmp_path / "bench"
+    out.mkdir()
+    gpu_run = json.dumps({"device": "cuda", "step_b128": {"results": []}})
+    (out / "results.json").write_text(gpu_run)
+    with pytest.raises(UsageError, match="holds a run on cuda"):
+        bench_all("cpu", None, out, parts=("kernels",))
+    assert (out / "results.json").read_text() == gpu_run
