@@ -173,6 +173,8 @@ def check_config(cfg: Config, world_size: int) -> None:
         raise UsageError(f"--steps must be at least 1, got {s.steps}")
     if cfg.loss.entropy_batch not in ("local", "global"):
         raise UsageError(f"loss.entropy_batch={cfg.loss.entropy_batch!r}; use local (per GPU) or global (all GPUs)")
+    if cfg.loss.entropy_batch == "global" and cfg.loss.impl.startswith("reference"):
+        raise UsageError(f"loss.entropy_batch=global needs loss.impl auto, torch or triton, not {cfg.loss.impl}")
     r = cfg.run.resume
     if r not in ("auto", "none") and not Path(r).is_file():
         raise UsageError(f"--resume {r}: no such checkpoint; pass auto, none or a checkpoint file")
