@@ -63,17 +63,22 @@ def mveb_loss(
     gather_group: None (default): each process's entropy is computed on its local batch, as
         the official code does; no collective. A torch.distributed ProcessGroup (e.g.
         torch.distributed.group.WORLD, which is None before init_process_group): each view's
-        score is computed from the unit rows of every process in the group (one all_gather
-        of the detached rows; every process must pass the same V, B, D and dtype; rows are
-        concatenated in group rank order), and each process keeps the score rows of its own
-        samples. The loss is then the same formula over the local rows: align unchanged,
+        score is computed from the unit rows of every process in the group (the detached
+        rows; every process must pass the same V, B, D and dtype; rows are concatenated in
+        group rank order), and each process keeps the score rows of its own samples. The
+        loss is then the same formula over the local rows: align unchanged,
         entropy_v = -mean over the local rows of <stopgrad(score_b), z_b>, so the gradient
         is still -score_b / B (B local). Hence the mean of the processes' losses equals the
         single-process loss over the concatenated batch, and each process's gradient divided
         by the group size W equals the single-process gradient rows of its samples: with DDP
         averaging gradients over W processes, the update is the single-process update over
-        the global batch. Every process computes the whole (W B) x (W B) system per view, and
-        "tau" in the parts is the global batch's. A group of size 1 gives the None result.
+        the global batch. The views are shared out: view v's (W B) x (W B) system is solved
+        by group rank v % W only, so each process solves at most ceil(V / W) systems (none
+        when W > V and its rank >= V), and two all_to_alls move the rows: each process
+        sends its V B D rows and gets V B (D + 2) values back, and an owner also receives
+        and returns W B D per owned view (about 2 V B D each way when W divides V, where an
+        all_gather received W V B D). "tau" in the parts is the global batch's, the same on
+        every process. A group of size 1 gives the None result.
         Not supported by the reference impls (ValueError).
     """
     online_t = _stack(online, "online")

@@ -9,13 +9,15 @@ the forward (the align row dots and <y_b, z_b>). So the forward computes the gra
 unit upstream gradient in one more elementwise pass, and the backward is one multiply: on a
 GPU the whole loss is then one CUDA graph replay and one host sync (kernels/triton_ops.py).
 
-With a process group, the score comes from the unit rows of every process in it (gathered,
-no gradient) and each process keeps the rows of its own samples: the formulas above stay
-those of the local rows (B is the local batch), only M is built from the global batch.
+With a process group, the score comes from the unit rows of every process in it (no
+gradient) and each process keeps the rows of its own samples: the formulas above stay those
+of the local rows (B is the local batch), only M is built from the global batch. Each view's
+global system is solved once, by the rank that owns it, not by every rank (gathered_score).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -60,24 +62,63 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def owned_views(views: int, world: int, rank: int) -> int:
+    """How many views rank owns: view v is solved by rank v % world (none when rank >= views)."""
+    return len(range(rank, views, world))
+
+
+@functools.lru_cache(maxsize=64)
+def owner_order(views: int, world: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, inverse) [V]: the views grouped by owner rank (rank 0's first, each owner's in
+    view order), which is the layout of all_to_all_single's rank-ordered chunks, and the
+    permutation that puts them back in view order. Cached: building it is a host-to-device copy."""
+    order = torch.tensor([v for rank in range(world) for v in range(rank, views, world)])
+    return order.to(device), order.argsort().to(device)
+
+
 def gathered_score(
     z: torch.Tensor, eta: float, min_tau: float, ops: TorchOps, group: dist.ProcessGroup
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, ms, tau) for this process's unit rows z [V, B, D], with M built from the rows of
-    every process in group (all the same shape, concatenated in group rank order)."""
+    every process in group (all the same shape, concatenated in group rank order).
+
+    The views are sharded over the ranks: rank v % W solves view v's (W B) x (W B) system, so
+    the W ranks do the V solves once between them instead of each doing all V. Two
+    all_to_alls: every rank sends each view's B rows to its owner, and each owner sends back to
+    every rank that rank's B rows of y and ms, with tau (a rank sends V B D and gets
+    V B (D + 2) back; an owner also receives and returns W B D per owned view, where an
+    all_gather had every rank receive W V B D). Only copies move the rows, so the result is
+    that of solving the concatenated batch of all V views on every rank, to the last bit
+    wherever a view's solve does not depend on which other views share its batch (the CPU
+    ops; a CUDA batched GEMM or Cholesky may pick another kernel for another batch count, a
+    float-rounding difference). The fp64-retry check (a host sync) runs on the owners only."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    # The list form: all_gather_into_tensor is deprecated in torch 2.14 and its successor's
-    # output layout depends on the backend (gloo refuses the stacked [W, V, B, D] form).
-    parts = [torch.empty_like(z) for _ in range(world)]
-    dist.all_gather(parts, z.contiguous(), group=group)
-    z_all = torch.cat(parts, dim=1)
-    y, ms, tau, info = ops.score(z_all, eta, min_tau)
-    failed = failed_views(info)
-    if failed:
-        y, ms = redo_failed_fp64(z_all, y, ms, tau, failed, eta)
-    b = z.shape[1]
-    rows = slice(rank * b, (rank + 1) * b)
-    return y[:, rows], ms[:, rows], tau
+    views, b, d = z.shape
+    counts = [owned_views(views, world, r) for r in range(world)]
+    mine = counts[rank]
+    order, inverse = owner_order(views, world, z.device)
+    # Chunk r of the input is this rank's rows of the views rank r owns; chunk r of the output
+    # is rank r's rows of the views this rank owns: [W, mine, B, D], empty on a rank owning none.
+    received = z.new_empty(world * mine, b, d)
+    dist.all_to_all_single(received, z.index_select(0, order), [mine] * world, counts, group=group)
+    # y, ms and tau in one buffer, so that the way back is one collective: packed[r] is rank
+    # r's rows of y for each owned view, with ms and tau as two more columns.
+    packed = z.new_empty(world, mine, b, d + 2)
+    if mine:
+        z_own = received.unflatten(0, (world, mine)).transpose(0, 1).reshape(mine, world * b, d)
+        y, ms, tau, info = ops.score(z_own, eta, min_tau)
+        failed = failed_views(info)
+        if failed:
+            y, ms = redo_failed_fp64(z_own, y, ms, tau, failed, eta)
+        packed[..., :d] = y.unflatten(1, (world, b)).transpose(0, 1)
+        packed[..., d] = ms.unflatten(1, (world, b)).transpose(0, 1)
+        packed[..., d + 1] = tau[:, None]
+    back = z.new_empty(views, b, d + 2)
+    dist.all_to_all_single(back, packed.flatten(0, 1), counts, [mine] * world, group=group)
+    # back holds the views in owner order; separate tensors in view order, so that the [V]
+    # tau handed to the caller does not keep the [V, B, D + 2] buffer alive.
+    return (back[..., :d].index_select(0, inverse), back[..., d].index_select(0, inverse),
+            back[:, 0, d + 1].index_select(0, inverse))
 
 
 class MvebLossFunction(torch.autograd.Function):
@@ -97,7 +138,7 @@ class MvebLossFunction(torch.autograd.Function):
                     y, ms = redo_failed_fp64(z, y, ms, tau, failed, eta)
                     loss, align, entropy_mean, grad = ops.loss_and_grad(z, norms, t, rowdot, y, ms, lam)
             else:
-                # The same steps as forward_all with the collective between them (so never
+                # The same steps as forward_all with the collectives between them (so never
                 # inside the Triton op set's CUDA graph).
                 z, norms, t, rowdot = ops.normalize_align(online, targets, dtype)
                 y, ms, tau = gathered_score(z, eta, min_tau, ops, group)
