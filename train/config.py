@@ -72,8 +72,8 @@ class LossConfig:
     eta: float = 0.01
     min_tau: float = 0.1
     impl: str = "auto"  # auto | triton | torch | reference
-    # local: the entropy of each GPU's own batch, as the official code; global: of the batch
-    # all-gathered from every GPU (one all_gather of V x B x D per step; see kernels.mveb_loss).
+    # local: the entropy of each GPU's own batch, as the official code; global: of every GPU's
+    # rows (the views' solves shared out over the GPUs, two all_to_alls; see kernels.mveb_loss).
     entropy_batch: str = "local"
 
 
