@@ -68,16 +68,18 @@ def synthetic_batch(cfg: Config, device: torch.device, dtype: torch.dtype) -> Mu
 
 
 def run_variant(name: str, cfg: Config, device: torch.device, batches: Iterator[MultiCropBatch],
-                steps: int, warmup: int, per_parameter_lars: bool = False) -> dict[str, Any]:
-    """Time `steps` training steps after `warmup` ones; phases from the trainer's PhaseTimer."""
+                steps: int, warmup: int, per_parameter_lars: bool = False,
+                dist: DistInfo | None = None) -> dict[str, Any]:
+    """Time `steps` training steps after `warmup` ones; phases from the trainer's PhaseTimer.
+    dist: the process group's view for a DDP step (default: one process, no communication)."""
+    dist = dist or DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_distributed=False)
     with step_stream(device, cfg.precision.priority_stream):
-        return _run_variant(name, cfg, device, batches, steps, warmup, per_parameter_lars)
+        return _run_variant(name, cfg, device, batches, steps, warmup, per_parameter_lars, dist)
 
 
 def _run_variant(name: str, cfg: Config, device: torch.device, batches: Iterator[MultiCropBatch],
-                 steps: int, warmup: int, per_parameter_lars: bool) -> dict[str, Any]:
+                 steps: int, warmup: int, per_parameter_lars: bool, dist: DistInfo) -> dict[str, Any]:
     torch.manual_seed(0)
-    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_distributed=False)
     timer = PhaseTimer(device, enabled=True)
     trainer = Trainer(cfg, dist, steps_per_epoch=1000, timer=timer)
     if per_parameter_lars:
@@ -201,6 +203,12 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from train.distributed import planned_world_size
+
+    if planned_world_size() > 1:
+        from mveb.bench_ddp import main as ddp_main
+
+        return ddp_main(args)
     report = bench_step(args.device, args.batch_size, tuple(args.loader.split(",")), args.data, args.compile,
                         args.steps, official=not args.no_official, config=args.config,
                         priority_stream=args.priority_stream)

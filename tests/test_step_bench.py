@@ -90,3 +90,34 @@ def test_bench_all_parts_refuse_to_merge_another_devices_results(tmp_path: Path)
     with pytest.raises(UsageError, match="holds a run on cuda"):
         bench_all("cpu", None, out, parts=("kernels",))
     assert (out / "results.json").read_text() == gpu_run
+
+
+@pytest.mark.slow
+def test_step_bench_under_torchrun_reports_exposed_communication(tmp_path: Path) -> None:
+    """Two gloo ranks as torchrun starts them: rank 0 reports the one-process and the DDP step
+    and their difference; rank 1 stays quiet."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp.json"
+    cmd = [sys.executable, "-m", "mveb", "bench", "step", "--device", "cpu", "--batch-size", "4", "--steps", "2",
+           "--json", str(out)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+             for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e for _, e in outs]
+    assert "exposed communication" in outs[0][0] and outs[1][0] == ""
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 2 and report["backend"] == "gloo"
+    assert [r["variant"] for r in report["results"]] == ["mveb, one process", "mveb, DDP x 2"]
+    assert len(report["step_ms_per_rank"]) == 2
+    alone, ddp = zip(*report["step_ms_per_rank"])
+    assert report["exposed_comm_ms"] == pytest.approx(sum(d - a for a, d in zip(alone, ddp)) / 2)
+    assert report["allreduce_mib_per_step"] > 1  # a ResNet-18 and its projector in fp32

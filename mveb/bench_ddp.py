@@ -1,0 +1,82 @@
+"""`mveb bench step` under torchrun or srun (WORLD_SIZE > 1): what distribution costs a step.
+
+Every rank times the step twice on its own device with the same synthetic batch: as one
+process (no communication) and under DDP (the gradient all-reduce in buckets during the
+backward, plus SyncBN's collectives on GPUs). The difference is the communication the
+backward does not hide, the "exposed communication" of the README's scaling model; rank 0
+prints it beside the bytes all-reduced per step.
+
+    torchrun --nproc-per-node 8 -m mveb bench step --batch-size 128 --json ddp.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+from mveb.bench_step import format_table, run_variant, synthetic_batch
+from mveb.errors import UsageError
+from mveb.files import write_atomic
+from train.config import get_config
+from train.distributed import DistInfo, cleanup_distributed, init_distributed
+from train.step import amp_dtype
+
+
+def bench_step_ddp(device: str, batch_size: int | None, steps: int | None, config: str | None,
+                   compile: bool) -> dict[str, Any] | None:
+    """The report on rank 0, None on the other ranks."""
+    info = init_distributed()
+    try:
+        dev = info.device
+        if device not in ("auto", dev.type):
+            raise UsageError(f"--device {device}: under torchrun each rank uses {dev} (set by its LOCAL_RANK)")
+        on_gpu = dev.type == "cuda"
+        cfg = get_config(config or ("imagenet_rn50" if on_gpu else "demo"), ["run.progress=false"])
+        cfg.data.batch_size = batch_size or (128 if on_gpu else 8)
+        if compile:
+            cfg = replace(cfg, precision=replace(cfg.precision, compile=True))
+        steps, warmup = steps or (30 if on_gpu else 4), 10 if on_gpu else 2
+        batch = synthetic_batch(cfg, dev, amp_dtype(cfg.precision.amp, dev) or torch.float32)
+        alone = DistInfo(info.rank, 1, info.local_rank, dev, is_distributed=False)
+        rows = []
+        for name, dist in (("mveb, one process", alone), (f"mveb, DDP x {info.world_size}", info)):
+            torch_dist.barrier()  # every rank starts each variant together
+            rows.append(run_variant(name, cfg, dev, itertools.repeat(batch), steps, warmup, dist=dist))
+        per_rank: list[Any] = [None] * info.world_size
+        torch_dist.all_gather_object(per_rank, [r["step_ms"] for r in rows])
+    finally:
+        cleanup_distributed()
+    if not info.is_main:
+        return None
+    for r in rows:
+        r["ratio_to_mveb_synthetic"] = r["samples_per_s"] / rows[0]["samples_per_s"]
+    from train.model import Encoder
+
+    params = sum(p.numel() for p in Encoder(cfg.model.arch, cfg.model.proj_hidden, cfg.model.proj_dim).parameters())
+    return {"device": str(dev), "world_size": info.world_size, "arch": cfg.model.arch, "torch": torch.__version__,
+            "backend": "nccl" if on_gpu else "gloo", "results": rows,
+            "step_ms_per_rank": per_rank,
+            "exposed_comm_ms": statistics.mean(ddp - alone_ms for alone_ms, ddp in per_rank),
+            "allreduce_mib_per_step": params * 4 / 2**20}
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.loader != "synthetic" or args.data:
+        raise UsageError("under torchrun, bench step times the synthetic step only (drop --loader and --data)")
+    report = bench_step_ddp(args.device, args.batch_size, args.steps, args.config, args.compile)
+    if report is None:
+        return 0
+    print(f"MVEB step on {report['world_size']} ranks ({report['backend']}, {report['arch']}), ms per step by phase:")
+    print(format_table(report))
+    print(f"exposed communication: {report['exposed_comm_ms']:.1f} ms per step (DDP step - one-process step, "
+          f"mean over ranks); gradient all-reduce: {report['allreduce_mib_per_step']:.0f} MiB per step")
+    if args.json:
+        write_atomic(args.json, json.dumps(report, indent=2))
+    return 0
