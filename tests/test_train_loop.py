@@ -138,6 +138,7 @@ def test_cli_steps_2_then_3_continues(uninterrupted: Path, tiny_train: Path, tmp
     (["data.global_batch_size=16"], "not divisible by the world size 3"),
     (["--resume", "/no/such.pt"], "no such checkpoint"),
     (["loss.entropy_batch=world"], "use local (per GPU) or global (all GPUs)"),
+    (["model.sync_bn_group=rack"], "use world (all GPUs) or node (one host's)"),
     (["loss.entropy_batch=global", "loss.impl=reference"], "needs loss.impl auto, torch or triton"),
 ])
 def test_bad_config_is_one_line(argv: list[str], message: str, tiny_train: Path, tmp_path: Path,

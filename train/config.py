@@ -47,6 +47,10 @@ class ModelConfig:
     proj_dim: int = 2048
     per_view_forward: bool = False  # True: one backbone pass per view, like the official code
     sync_bn: bool = True  # under DDP
+    # Which GPUs share BatchNorm statistics under sync_bn: world (all of them, the official
+    # recipe) or node (those of one host: no inter-node latency in the BN layers' critical path,
+    # statistics over gpus_per_node x batch_size samples; see the README's scaling model).
+    sync_bn_group: str = "world"
 
 
 @dataclass
@@ -171,6 +175,8 @@ def check_config(cfg: Config, world_size: int) -> None:
         raise UsageError(f"need epochs >= 1 and 0 <= warmup_epochs <= epochs, got {s.epochs} and {s.warmup_epochs}")
     if s.steps is not None and s.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {s.steps}")
+    if cfg.model.sync_bn_group not in ("world", "node"):
+        raise UsageError(f"model.sync_bn_group={cfg.model.sync_bn_group!r}; use world (all GPUs) or node (one host's)")
     if cfg.loss.entropy_batch not in ("local", "global"):
         raise UsageError(f"loss.entropy_batch={cfg.loss.entropy_batch!r}; use local (per GPU) or global (all GPUs)")
     if cfg.loss.entropy_batch == "global" and cfg.loss.impl.startswith("reference"):

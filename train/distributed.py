@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -87,6 +88,23 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0) -> Di
                                 timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=device if backend == "nccl" else None)
     return DistInfo(rank, world, local, device, True)
+
+
+def ranks_by_host(hosts: list[str]) -> list[list[int]]:
+    """The ranks of each host, hosts in order of their first rank: ["a", "b", "a"] -> [[0, 2], [1]]."""
+    groups: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        groups.setdefault(host, []).append(rank)
+    return list(groups.values())
+
+
+def node_group() -> dist.ProcessGroup:
+    """The process group of this rank's host (every rank must call it: each group is created
+    on all ranks). Hosts are told apart by name, so it holds for torchrun and SLURM alike."""
+    hosts: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    group, _ = dist.new_subgroups_by_enumeration(ranks_by_host(hosts))
+    return group
 
 
 def cleanup_distributed() -> None:

@@ -21,7 +21,7 @@ from mveb.errors import UsageError
 from pipeline.batch import MultiCropBatch
 
 from .config import Config
-from .distributed import DistInfo
+from .distributed import DistInfo, node_group
 from .lars import LARS, lars_param_groups
 from .model import Encoder, compile_backbone, ema_update, momentum_copy
 from .phases import PhaseTimer
@@ -64,7 +64,8 @@ class Trainer:
         online = online.to(device=self.device, memory_format=torch.channels_last)
         # SyncBatchNorm has no CPU kernel: a gloo (CPU) run keeps per-process BatchNorm.
         if dist.is_distributed and cfg.model.sync_bn and self.device.type == "cuda":
-            online = torch.nn.SyncBatchNorm.convert_sync_batchnorm(online)
+            group = node_group() if cfg.model.sync_bn_group == "node" else None
+            online = torch.nn.SyncBatchNorm.convert_sync_batchnorm(online, process_group=group)
         if cfg.precision.compile:
             compile_backbone(online)
         online.timer = self.timer
