@@ -39,7 +39,7 @@ def bench_step_ddp(device: str, batch_size: int | None, steps: int | None, confi
             raise UsageError(f"--device {device}: under torchrun each rank uses {dev} (set by its LOCAL_RANK)")
         on_gpu = dev.type == "cuda"
         cfg = get_config(config or ("imagenet_rn50" if on_gpu else "demo"), ["run.progress=false"])
-        cfg.data.batch_size = batch_size or (128 if on_gpu else 8)
+        cfg.data.batch_size = batch_size or (256 if on_gpu else 8)  # as without torchrun
         if compile:
             cfg = replace(cfg, precision=replace(cfg.precision, compile=True))
         steps, warmup = steps or (30 if on_gpu else 4), 10 if on_gpu else 2
