@@ -57,6 +57,8 @@ def _part(name: str, argv: list[str], json_path: Path, results: dict[str, Any]) 
     except Exception as e:  # noqa: BLE001 - one broken backend must not cost the whole run
         results[name] = {"error": f"{type(e).__name__}: {e}"}
         print(f"bench {name} failed: {results[name]['error']}", flush=True)
+    # After every part: a run cut short (a host's time limit) keeps the parts it finished.
+    write_atomic(json_path.parent / "results.json", json.dumps(results, indent=1))
 
 
 PARTS = ("loader", "kernels", "step")
