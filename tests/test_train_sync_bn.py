@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from train.distributed import node_group, ranks_by_host
-from train.model import Encoder
+from train.model import Encoder, momentum_copy
 
 
 def test_ranks_by_host_keeps_rank_order_within_and_across_hosts() -> None:
@@ -30,7 +30,9 @@ def _worker(rank: int, world: int, init_method: str, hosts: list[str], out: str)
         peers = [None] * dist.get_world_size(group)
         dist.all_gather_object(peers, rank, group=group)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(Encoder("resnet18", 32, 16), process_group=group)
-        bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        # The momentum encoder is a copy of the converted model: its layers share the same group.
+        bns = [m for enc in (model, momentum_copy(model)) for m in enc.modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         torch.save({"peers": peers, "sync": all(isinstance(m, torch.nn.SyncBatchNorm) for m in bns),
                     "grouped": all(m.process_group is group for m in bns), "bns": len(bns)}, f"{out}.{rank}")
     finally:
@@ -43,5 +45,5 @@ def test_node_group_holds_the_ranks_of_one_host(hosts: list[str], groups: list[l
     mp.spawn(_worker, args=(len(hosts), f"file://{tmp_path / 'rendezvous'}", hosts, out), nprocs=len(hosts))
     results = [torch.load(f"{out}.{r}") for r in range(len(hosts))]
     assert [r["peers"] for r in results] == groups
-    # Every BatchNorm of the backbone and projector becomes a SyncBatchNorm over that group.
-    assert all(r["sync"] and r["grouped"] and r["bns"] == 20 + 2 for r in results)
+    # Every BatchNorm of the backbone and projector, online and momentum, is a SyncBatchNorm over that group.
+    assert all(r["sync"] and r["grouped"] and r["bns"] == 2 * (20 + 2) for r in results)

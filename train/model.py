@@ -73,7 +73,10 @@ def compile_backbone(encoder: Encoder) -> None:
 
 def momentum_copy(online: Encoder) -> Encoder:
     """The momentum encoder: a frozen copy of the online one (same weights, no gradients)."""
-    momentum = copy.deepcopy(online)
+    # A SyncBatchNorm over a subgroup holds its ProcessGroup, which cannot be copied: the copy
+    # shares it (the memo maps it to itself).
+    groups = {id(g): g for m in online.modules() if (g := getattr(m, "process_group", None)) is not None}
+    momentum = copy.deepcopy(online, groups)
     momentum.timer = lambda phase: nullcontext()
     for p in momentum.parameters():
         p.requires_grad_(False)
