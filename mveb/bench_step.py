@@ -11,6 +11,7 @@ like on a shared, noisy machine:
   a real loader, with its data-wait fraction and its ratio to that step on synthetic data;
 - `... <loader> +priority` (with --priority-stream): the same with the step on a
   high-priority CUDA stream (precision.priority_stream).
+Under torchrun or srun (WORLD_SIZE > 1) it times what DDP costs instead (mveb/bench_ddp.py).
 """
 
 from __future__ import annotations
