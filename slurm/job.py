@@ -1,4 +1,5 @@
-"""The callables submitit runs on the cluster: pretraining (requeued on preemption) and shards.
+"""The callables submitit runs on the cluster: pretraining (requeued on preemption), shards and
+the DDP step benchmark.
 
 Launching stays apart from training: `TrainJob` only turns the submitit task environment
 into torch.distributed's and calls `train.pretrain.pretrain(cfg)`, which owns checkpoints,
@@ -89,3 +90,17 @@ def shard_job(src: str, out: str, **options: Any) -> dict[str, Any]:
     from pipeline.shards import build_shard
 
     return build_shard(src, out, **options)
+
+
+def bench_job(json_path: str, **options: Any) -> dict[str, Any] | None:
+    """`mveb bench step` under DDP on every task; rank 0 writes the report and returns it."""
+    import json
+
+    from mveb.bench_ddp import bench_step_ddp
+    from mveb.files import write_atomic
+
+    os.environ.update(rendezvous_from_submitit())
+    report = bench_step_ddp("auto", **options)
+    if report is not None:
+        write_atomic(json_path, json.dumps(report, indent=2))
+    return report

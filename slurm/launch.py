@@ -7,6 +7,7 @@
     python slurm/launch.py --nodes 4 --dry-run       # print the sbatch script, submit nothing
     python slurm/launch.py --local --gpus-per-node 0 --tasks-per-node 2 --config demo --data DIR
     python slurm/launch.py shards --src /data/imagenet/train --out /data/imagenet/train.beton
+    python slurm/launch.py bench --nodes 4 --out runs/bench-4x8   # what DDP costs a step on 32 GPUs
 
 Rerunning the same command with the same --out resumes the run.
 """
@@ -80,6 +81,23 @@ def shards_parser() -> argparse.ArgumentParser:
     p.description = "Build an FFCV shard (`mveb shards`) as a one-node CPU job."
     p.set_defaults(workers=None)  # None: one writer per CPU of the job (--cpus-per-task)
     _add_cluster_args(p, cpus_per_task=32, time="12:00:00")
+    return p
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=f"{PROG} bench", description=(
+        "`mveb bench step` as a multi-node job: every task times the training step alone and under "
+        "DDP on synthetic data; rank 0 writes the exposed communication per step to OUT/bench.json."))
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, one task each; 0 = CPU tasks (default 8)")
+    p.add_argument("--tasks-per-node", type=int, default=None, help="tasks per node with --gpus-per-node 0 (default 1)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch per task (default 256 on GPUs, 8 on CPUs)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant")
+    p.add_argument("--config", default=None, choices=["imagenet_rn50", "demo"],
+                   help="model preset (default: imagenet_rn50 on GPUs, demo on CPUs)")
+    p.add_argument("--compile", action="store_true", help="time the compiled step")
+    p.add_argument("--out", required=True, help="folder for bench.json and the job's logs, on a shared filesystem")
+    _add_cluster_args(p, cpus_per_task=10, time="30")
     return p
 
 
@@ -220,11 +238,33 @@ def launch_shards(a: argparse.Namespace) -> int:
     return _wait_local(job) if a.local else 0
 
 
+def launch_bench(a: argparse.Namespace) -> int:
+    from slurm.job import bench_job
+
+    res = _cluster_resources(a, "mveb-bench", nodes=a.nodes, gpus_per_node=a.gpus_per_node,
+                             tasks_per_node=a.tasks_per_node)
+    if res.world_size < 2:
+        raise UsageError(f"world size {res.world_size}: the DDP cost needs 2 tasks or more "
+                         "(for one GPU run `mveb bench step` directly)")
+    out = Path(a.out).resolve()
+    _print_plan(res, None)
+    print(f"report (when done): {out / 'bench.json'}")
+    if a.dry_run:
+        print(sbatch_script(res, out / "submitit"))
+        return 0
+    _check_submit(a, res)
+    job = _submit(a, res, out / "submitit", bench_job, str(out / "bench.json"), batch_size=a.batch_size,
+                  steps=a.steps, config=a.config, compile=a.compile)
+    return _wait_local(job) if a.local else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["shards"]:
             return launch_shards(shards_parser().parse_args(argv[1:]))
+        if argv[:1] == ["bench"]:
+            return launch_bench(bench_parser().parse_args(argv[1:]))
         return launch_training(train_parser().parse_args(argv))
     except UsageError as e:
         sys.stderr.write(f"{PROG}: error: {e}\n")

@@ -1,6 +1,7 @@
 """slurm/launch.py on the real local cluster (slurm/cluster/up.sh): the demo config trained by
 2 nodes x 2 CPU tasks over gloo, a run that a signal requeues and that resumes from its
-checkpoint (and that a plain scancel then stops for good), and a shard build as a CPU job.
+checkpoint (and that a plain scancel then stops for good), a shard build as a CPU job, and the
+DDP step benchmark over 2 nodes.
 
 The three jobs are submitted together (the cluster runs them side by side) and each test
 waits for its own: most of a job's time here is Python start-up, which overlaps well.
@@ -49,6 +50,10 @@ def jobs(tmp_path_factory: pytest.TempPathFactory, photo_train: Path) -> Iterato
     folder = beton.parent / f"{beton.name}.submitit"
     out = {name: (run / "submitit", job_id) for name, (run, job_id) in submitted.items()}
     out["shards"] = (folder, next(folder.glob("*_submitted.pkl")).name.split("_")[0])
+    bench = root / "bench"
+    assert main(["bench", "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10",
+                 "--batch-size", "4", "--steps", "2", "--out", str(bench)]) == 0
+    out["bench"] = (bench / "submitit", next((bench / "submitit").glob("*_submitted.pkl")).name.split("_")[0])
     yield out
     subprocess.run(["scancel", *(job_id for _, job_id in out.values())], capture_output=True)
 
@@ -146,6 +151,15 @@ def test_shards_runs_as_a_cpu_job(jobs: dict[str, tuple[Path, str]]) -> None:
     beton = folder.parent / "train.beton"
     assert json.loads(Path(f"{beton}.report.json").read_text())["written"] == 12
     check_beton(beton)
+
+
+@pytest.mark.slow
+def test_bench_job_reports_what_ddp_costs_over_two_nodes(jobs: dict[str, tuple[Path, str]]) -> None:
+    folder, job_id = jobs["bench"]
+    rank0, rank1 = _results(folder, job_id, tasks=2)
+    assert rank1 is None and rank0["world_size"] == 2 and rank0["backend"] == "gloo"
+    assert [r["variant"] for r in rank0["results"]] == ["mveb, one process", "mveb, DDP x 2"]
+    assert json.loads((folder.parent / "bench.json").read_text()) == rank0
 
 
 def test_refused_submission_is_one_line(tmp_path: Path, photo_train: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -59,6 +59,19 @@ def test_dry_run_shards_is_one_cpu_task(tmp_path: Path, capsys: pytest.CaptureFi
     assert "--gpus-per-node" not in out
 
 
+def test_dry_run_bench_is_one_task_per_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--nodes", "4", "--out", str(tmp_path / "b"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "world size 32" in out and f"report (when done): {tmp_path / 'b' / 'bench.json'}" in out
+    for flag in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8"):
+        assert f"#SBATCH {flag}\n" in out, flag
+
+
+def test_bench_needs_two_tasks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--gpus-per-node", "0", "--out", str(tmp_path / "b")]) == 2
+    assert "the DDP cost needs 2 tasks or more" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("text, minutes", [("72:00:00", 4320), ("90", 90), ("1-12", 2160), ("0:30", 1),
                                            ("1:30:01", 91), ("2-00:30:00", 2910)])
 def test_parse_time(text: str, minutes: int) -> None:
