@@ -43,7 +43,9 @@ class PerParameterLARS(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=trust_coefficient))
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None, found_inf: torch.Tensor | None = None):  # type: ignore[override]
+        if found_inf is not None and found_inf.item():  # a host read each step, as the official loop does
+            return
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is None:

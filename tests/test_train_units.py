@@ -98,6 +98,56 @@ def test_lars_matches_plain_per_parameter_lars_step_by_step() -> None:
     assert a[5].weight.abs().sum() > 0  # the zero-init layer moved
 
 
+def test_lars_found_inf_skips_on_the_device_and_the_next_step_is_the_plain_one() -> None:
+    a, b = _small_net(), _small_net()
+    opt = LARS(lars_param_groups(a.parameters()), lr=0.3, weight_decay=1e-2, momentum=0.9, trust_coefficient=0.02)
+    pb, bufs = list(b.parameters()), {}
+
+    def backward(step: int) -> None:
+        x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(step))
+        for net in (a, b):
+            net.zero_grad()
+            (net(x) - 1).pow(2).sum().backward()
+
+    backward(0)
+    opt.step(found_inf=torch.tensor(0.0))
+    _plain_lars_step(pb, bufs, 0.3, 1e-2, 0.9, 0.02)
+    before = [p.detach().clone() for p in a.parameters()]
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in a.parameters()]
+    backward(1)
+    next(a.parameters()).grad[0] = float("nan")
+    opt.step(found_inf=torch.tensor(1.0))  # what the trainer passes for a non-finite step
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], m) for p, m in zip(a.parameters(), momentum))
+    backward(2)
+    opt.step(found_inf=torch.tensor(0.0))
+    _plain_lars_step(pb, bufs, 0.3, 1e-2, 0.9, 0.02)
+    for pa, pp in zip(a.parameters(), pb):
+        torch.testing.assert_close(pa, pp, rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_skips_a_non_finite_step_without_reading_it_back() -> None:
+    from mveb.bench_step import synthetic_batch
+    from train.distributed import DistInfo
+    from train.step import Trainer
+
+    torch.manual_seed(0)
+    cfg = get_config("demo", ["data.batch_size=4", "data.global_size=32", "data.local_size=16"])
+    trainer = Trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu"), False), 10)
+    good = synthetic_batch(cfg, torch.device("cpu"), torch.float32)
+    bad = synthetic_batch(cfg, torch.device("cpu"), torch.float32)
+    bad.global_views[0, 0, 0, 0] = float("nan")
+    trainer.step(good, 0)
+    weights = [p.detach().clone() for p in trainer.online.parameters()]
+    out = trainer.step(bad, 1)
+    assert isinstance(out["skipped"], torch.Tensor) and bool(out["skipped"]) and trainer.skipped_steps == 1
+    assert all(torch.equal(p, w) for p, w in zip(trainer.online.parameters(), weights))
+    out = trainer.step(good, 2)
+    assert not bool(out["skipped"]) and trainer.skipped_steps == 1
+    assert not torch.equal(next(trainer.online.parameters()), weights[0])
+    assert trainer.state_dict()["skipped_steps"] == 1
+
+
 def test_lars_state_round_trips() -> None:
     a = _small_net()
     opt = LARS(lars_param_groups(a.parameters()), lr=0.1)

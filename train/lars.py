@@ -2,6 +2,11 @@
 
 Parameters with ndim <= 1 (biases, BatchNorm weights and biases) skip weight decay and the
 trust-ratio adaptation, as in the official recipe (and barlowtwins' LARS).
+
+LARS is SGD with momentum on an adapted gradient, trust * (grad + wd p): the adaptation is
+done in place on the gradients, then torch's fused SGD kernel applies momentum and the step.
+That kernel takes `found_inf`, a device flag that turns the whole update into a no-op, so a
+step with non-finite gradients is skipped without the host reading anything back.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ class LARS(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None, found_inf: torch.Tensor | None = None):  # type: ignore[override]
+        """One update; with found_inf (a float 0-d tensor on the parameters' device) != 0 the
+        parameters and momentum buffers stay as they are. The gradients are overwritten."""
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -36,22 +43,21 @@ class LARS(torch.optim.Optimizer):
                 continue
             grads = [p.grad for p in params]
             if group["lars"]:
-                update = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                torch._foreach_add_(grads, params, alpha=group["weight_decay"])
                 p_norm = torch.stack(torch._foreach_norm(params))
-                u_norm = torch.stack(torch._foreach_norm(update))
+                u_norm = torch.stack(torch._foreach_norm(grads))
                 # A zero norm (fresh zero-init weights, or a zero update) keeps the plain step.
                 trust = torch.where((p_norm > 0) & (u_norm > 0),
                                     group["trust_coefficient"] * p_norm / u_norm, torch.ones_like(p_norm))
-                torch._foreach_mul_(update, list(trust.unbind()))
-            else:
-                update = grads
+                torch._foreach_mul_(grads, list(trust.unbind()))
             bufs = []
             for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 bufs.append(state["momentum_buffer"])
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, update)
-            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+            # buf = momentum buf + update; p -= lr buf (zero buffers at the start, so no first-step case).
+            torch._fused_sgd_(params, grads, bufs, weight_decay=0.0, momentum=group["momentum"], lr=group["lr"],
+                              dampening=0.0, nesterov=False, maximize=False, is_first_step=False,
+                              found_inf=found_inf)
         return loss

@@ -76,6 +76,7 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
         if dist.is_main:
             sys.stderr.write(f"resuming from {resumed_from} (step {step})\n")
 
+    flag_group = _flag_group(dist)
     stop = min(cfg.schedule.steps or trainer.total_steps, trainer.total_steps)
     log = MetricsLog(run_dir, step, cfg.run.tensorboard) if dist.is_main else None
     bar = tqdm(total=stop, initial=step, unit="step", dynamic_ncols=True, disable=not (dist.is_main and cfg.run.progress))
@@ -114,7 +115,7 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
 
                 due = (step % cfg.run.checkpoint_every_steps == 0
                        or time.monotonic() - last_save_time >= 60 * cfg.run.checkpoint_every_minutes)
-                preempted, due = _agree(dist, preemption.requested, due)
+                preempted, due = _agree(dist, flag_group, preemption.requested, due)
                 if due or preempted or step == stop:
                     _save(run_dir, trainer, loader, step, steps_per_epoch, cfg, dist)
                     last_save_time = time.monotonic()
@@ -164,12 +165,21 @@ def _set_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _agree(dist: DistInfo, *flags: bool) -> list[bool]:
+def _flag_group(dist: DistInfo) -> Any:
+    """The group that agrees on the per-step flags: a gloo (CPU) group beside NCCL, so that
+    agreeing is a message between the hosts and never waits for the GPU's queued work (with
+    an NCCL all_reduce the host would read the result back once a step, draining the GPU)."""
+    if dist.is_distributed and torch_dist.get_backend() != "gloo":
+        return torch_dist.new_group(backend="gloo")
+    return None
+
+
+def _agree(dist: DistInfo, group: Any, *flags: bool) -> list[bool]:
     """Flags OR-ed over ranks, so every rank stops or saves at the same step."""
     if not dist.is_distributed:
         return list(flags)
-    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=dist.device)
-    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX, group=group)
     return [bool(v) for v in t.tolist()]
 
 

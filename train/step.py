@@ -2,6 +2,7 @@
 
     trainer = Trainer(cfg, dist_info, steps_per_epoch)
     out = trainer.step(batch, step)   # {"loss", "align", "entropy", "lr", "momentum", "skipped"}
+                                      # (tensors stay on the device: reading one is a host sync)
 
 The step reads in phase order (train/phases.py names): ema, forward_global, forward_local,
 momentum_forward, loss, backward, optimizer. Schedules are functions of the step index, so
@@ -56,7 +57,8 @@ class Trainer:
         self.warmup_steps = cfg.schedule.warmup_epochs * steps_per_epoch
         self.amp = amp_dtype(cfg.precision.amp, self.device)
         self.timer = timer or PhaseTimer(self.device)
-        self.skipped_steps = 0
+        # Counted on the device: reading it is a host sync, done only when it is logged or saved.
+        self._skipped = torch.zeros((), dtype=torch.int64, device=self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
@@ -135,19 +137,27 @@ class Trainer:
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
             finite = self._grads_finite()
-            if self.scaler:  # the scaler skips a non-finite step itself and lowers its scale
+            if self.scaler:  # the scaler skips a non-finite step itself (it reads its flag) and lowers its scale
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-            elif finite:
-                self.optimizer.step()
+            else:
+                # Skipped on the device: a host read of the flag here would stall the GPU once a
+                # step, idle while the host then launches the optimizer, EMA and next forward.
+                self.optimizer.step(found_inf=(~finite).float())
             self.optimizer.zero_grad(set_to_none=True)
-        self.skipped_steps += not finite
+        self._skipped += ~finite
         return {"loss": loss.detach(), "align": parts["align"], "entropy": parts["entropy"],
-                "lr": lr, "momentum": m, "skipped": not finite}
+                "lr": lr, "momentum": m, "skipped": ~finite}
 
-    def _grads_finite(self) -> bool:
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients so far (a host sync)."""
+        return int(self._skipped)
+
+    def _grads_finite(self) -> torch.Tensor:
+        """A 0-d bool tensor on the device: every gradient finite."""
         grads = [p.grad for p in self.online.parameters() if p.grad is not None]
-        return bool(torch.stack(torch._foreach_norm(grads)).sum().isfinite())
+        return torch.stack(torch._foreach_norm(grads)).sum().isfinite()
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.online.state_dict(), "momentum": self.momentum.state_dict(),
@@ -161,4 +171,4 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self._skipped.fill_(int(state.get("skipped_steps", 0)))
