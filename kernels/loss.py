@@ -38,10 +38,10 @@ def failed_views(info: torch.Tensor) -> list[int]:
 def redo_failed_fp64(
     z: torch.Tensor, y: torch.Tensor, ms: torch.Tensor, tau: torch.Tensor, failed: list[int], eta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, ms) with the `failed` views redone in fp64 from z (new tensors; the inputs are kept)."""
+    """(y, ms) with the `failed` views (from failed_views, when it found any) redone in fp64 from z,
+    as new tensors: the inputs may be a CUDA graph's buffers, kept for its next replay."""
     y, ms = y.clone(), ms.clone()
-    if failed:
-        y[failed], ms[failed] = (x.to(y.dtype) for x in _retry_fp64(z[failed], tau[failed], eta))
+    y[failed], ms[failed] = (x.to(y.dtype) for x in _retry_fp64(z[failed], tau[failed], eta))
     return y, ms
 
 
