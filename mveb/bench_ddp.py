@@ -57,14 +57,11 @@ def bench_step_ddp(device: str, batch_size: int | None, steps: int | None, confi
         return None
     for r in rows:
         r["ratio_to_mveb_synthetic"] = r["samples_per_s"] / rows[0]["samples_per_s"]
-    from train.model import Encoder
-
-    params = sum(p.numel() for p in Encoder(cfg.model.arch, cfg.model.proj_hidden, cfg.model.proj_dim).parameters())
     return {"device": str(dev), "world_size": info.world_size, "arch": cfg.model.arch, "torch": torch.__version__,
             "backend": "nccl" if on_gpu else "gloo", "results": rows,
             "step_ms_per_rank": per_rank,
             "exposed_comm_ms": statistics.mean(ddp - alone_ms for alone_ms, ddp in per_rank),
-            "allreduce_mib_per_step": params * 4 / 2**20}
+            "allreduce_mib_per_step": rows[1]["grad_mib"]}
 
 
 def main(args: argparse.Namespace) -> int:

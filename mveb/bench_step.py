@@ -112,6 +112,7 @@ def _run_variant(name: str, cfg: Config, device: torch.device, batches: Iterator
         "data_wait_fraction": wait / wall, "phases_ms": phase_ms,
         "unaccounted_ms": step_ms - sum(phase_ms.values()), "loss": float(out["loss"]),
         "skipped_steps": trainer.skipped_steps,
+        "grad_mib": sum(p.numel() * p.element_size() for p in trainer.online.parameters() if p.requires_grad) / 2**20,
     }
 
 
