@@ -100,14 +100,14 @@ def bench_all(device: str, data: str | None, out: Path, compile: bool = True,
               out / "kernels.json", results)
     if "step" in parts and gpu:  # the official batch (vs the official-style step) and the fast-path batch (vs DALI-fed)
         fast = ["--compile"] if compile else []
-        _part("step_b128", ["bench", "step", "--device", "cuda", "--batch-size", "128"] + fast,
+        _part("step_b128", ["bench", "step", "--device", "cuda", "--batch-size", "128", "--profile"] + fast,
               out / "step_b128.json", results)
-        _part("step", ["bench", "step", "--device", "cuda", "--batch-size", str(step_b), "--no-official",
+        _part("step", ["bench", "step", "--device", "cuda", "--batch-size", str(step_b), "--no-official", "--profile",
                        "--loader", "synthetic,dali", "--priority-stream", "--data", data] + fast,
               out / "step.json", results)
     elif "step" in parts:
-        _part("step", ["bench", "step", "--device", "cpu", "--batch-size", str(step_b), "--loader", "synthetic,torch",
-                       "--data", data], out / "step.json", results)
+        _part("step", ["bench", "step", "--device", "cpu", "--batch-size", str(step_b), "--profile",
+                       "--loader", "synthetic,torch", "--data", data], out / "step.json", results)
     write_atomic(out / "results.json", json.dumps(results, indent=1))
     write_atomic(out / "summary.md", summary(results))
     chart(results, out / "chart.png")

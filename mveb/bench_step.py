@@ -11,6 +11,9 @@ like on a shared, noisy machine:
   a real loader, with its data-wait fraction and its ratio to that step on synthetic data;
 - `... <loader> +priority` (with --priority-stream): the same with the step on a
   high-priority CUDA stream (precision.priority_stream).
+With --profile each variant then runs 2 more steps under the torch profiler, and a second
+table says what the device did in them by kind of work (mveb/device_profile.py): how busy it
+was, and how much of it was convolution, batchnorm, elementwise, copies, the loader's kernels.
 Under torchrun or srun (WORLD_SIZE > 1) it times what DDP costs instead (mveb/bench_ddp.py).
 """
 
@@ -26,6 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
+from mveb.device_profile import format_kinds, profile_steps
 from mveb.devices import resolve_device, step_stream, synchronize
 from mveb.errors import UsageError
 from mveb.files import write_atomic
@@ -72,16 +76,17 @@ def synthetic_batch(cfg: Config, device: torch.device, dtype: torch.dtype) -> Mu
 
 def run_variant(name: str, cfg: Config, device: torch.device, batches: Iterator[MultiCropBatch],
                 steps: int, warmup: int, per_parameter_lars: bool = False,
-                dist: DistInfo | None = None) -> dict[str, Any]:
+                dist: DistInfo | None = None, profile: int = 0) -> dict[str, Any]:
     """Time `steps` training steps after `warmup` ones; phases from the trainer's PhaseTimer.
-    dist: the process group's view for a DDP step (default: one process, no communication)."""
+    dist: the process group's view for a DDP step (default: one process, no communication).
+    profile: that many more steps under the profiler, their device work by kind in "device"."""
     dist = dist or DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_distributed=False)
     with step_stream(device, cfg.precision.priority_stream):
-        return _run_variant(name, cfg, device, batches, steps, warmup, per_parameter_lars, dist)
+        return _run_variant(name, cfg, device, batches, steps, warmup, per_parameter_lars, dist, profile)
 
 
 def _run_variant(name: str, cfg: Config, device: torch.device, batches: Iterator[MultiCropBatch],
-                 steps: int, warmup: int, per_parameter_lars: bool, dist: DistInfo) -> dict[str, Any]:
+                 steps: int, warmup: int, per_parameter_lars: bool, dist: DistInfo, profile: int) -> dict[str, Any]:
     torch.manual_seed(0)
     timer = PhaseTimer(device, enabled=True)
     trainer = Trainer(cfg, dist, steps_per_epoch=1000, timer=timer)
@@ -107,13 +112,18 @@ def _run_variant(name: str, cfg: Config, device: torch.device, batches: Iterator
     B = cfg.data.batch_size
     step_ms = 1000 * wall / steps
     phase_ms = {p: 1000 * phases.get(p, 0.0) / steps for p in PHASES}
-    return {
+    row = {
         "variant": name, "batch_size": B, "steps": steps, "samples_per_s": B * steps / wall, "step_ms": step_ms,
         "data_wait_fraction": wait / wall, "phases_ms": phase_ms,
         "unaccounted_ms": step_ms - sum(phase_ms.values()), "loss": float(out["loss"]),
         "skipped_steps": trainer.skipped_steps,
         "grad_mib": sum(p.numel() * p.element_size() for p in trainer.online.parameters() if p.requires_grad) / 2**20,
     }
+    if profile:
+        timer.enabled = False  # its events would be profiled work of their own
+        extra = itertools.count(100 + warmup + steps)
+        row["device"] = profile_steps(lambda: trainer.step(next(batches), next(extra)), device, profile)
+    return row
 
 
 def _loader_batches(backend: str, data: str, cfg: Config, device: torch.device, dtype: torch.dtype) -> Iterator[MultiCropBatch]:
@@ -128,7 +138,8 @@ def _loader_batches(backend: str, data: str, cfg: Config, device: torch.device, 
 
 def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tuple[str, ...] = ("synthetic",),
                data: str | None = None, compile: bool = False, steps: int | None = None,
-               official: bool = True, config: str | None = None, priority_stream: bool = False) -> dict[str, Any]:
+               official: bool = True, config: str | None = None, priority_stream: bool = False,
+               profile: bool = False) -> dict[str, Any]:
     dev = resolve_device(device)
     on_gpu = dev.type == "cuda"
     cfg = get_config(config or ("imagenet_rn50" if on_gpu else "demo"), ["run.progress=false"])
@@ -148,7 +159,7 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
         """Run one variant; one that fails (a compile error, a broken loader) becomes an error
         row, and the variants after it still run."""
         try:
-            results.append(run_variant(name, cfg, dev, batches, steps, warmup, **kw))
+            results.append(run_variant(name, cfg, dev, batches, steps, warmup, profile=2 * profile, **kw))
             return True
         except Exception as e:  # noqa: BLE001 - the other variants are still worth measuring
             error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
@@ -164,7 +175,8 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
         batch = synthetic_batch(off, dev, amp_dtype(off.precision.amp, dev) or torch.float32)
         attempt("official-style", off, itertools.repeat(batch), per_parameter_lars=True)
     batch = synthetic_batch(cfg, dev, dtype)
-    results.append(run_variant("mveb", cfg, dev, itertools.repeat(batch), steps, warmup))  # the baseline: no fallback
+    # the baseline: no fallback
+    results.append(run_variant("mveb", cfg, dev, itertools.repeat(batch), steps, warmup, profile=2 * profile))
     fast, name = cfg, "mveb"
     if compile:  # the loaders then feed the compiled step: the fast path is what they must keep busy
         compiled = replace(cfg, precision=replace(cfg.precision, compile=True))
@@ -203,6 +215,10 @@ def format_table(report: dict[str, Any]) -> str:
                fed, f"{r['step_ms']:.1f}", f"{100 * r['data_wait_fraction']:.1f}%"]
         row += [f"{ph[p]:.1f}" for p in PHASES[1:]] + [f"{r['unaccounted_ms']:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
+    profiled = [(r["variant"], r["device"]) for r in report["results"] if "device" in r]
+    if profiled:
+        lines += ["", f"Device work by kind, ms per step ({'kernels' if report['device'].startswith('cuda') else 'aten ops'}"
+                  ", 2 profiled steps):", "", format_kinds(profiled)]
     return "\n".join(lines)
 
 
@@ -215,7 +231,7 @@ def main(args: argparse.Namespace) -> int:
         return ddp_main(args)
     report = bench_step(args.device, args.batch_size, tuple(args.loader.split(",")), args.data, args.compile,
                         args.steps, official=not args.no_official, config=args.config,
-                        priority_stream=args.priority_stream)
+                        priority_stream=args.priority_stream, profile=args.profile)
     print(f"MVEB step on {report['device_name']} ({report['arch']}), phases in ms per step:")
     print(format_table(report))
     if args.json:

@@ -72,6 +72,7 @@ def test_bench_all_parts_run_apart_and_merge(tmp_path: Path, capsys: pytest.Capt
     assert [r["variant"] for r in both["step"]["results"]] == ["official-style", "mveb", "mveb torch"]
     summary = (out / "summary.md").read_text()
     assert "## MVEB loss" in summary and "## Training step" in summary and (out / "chart.png").stat().st_size > 0
+    assert "Device work by kind" in summary and all("device" in r for r in both["step"]["results"])
     capsys.readouterr()
     assert main(["bench", "all", "--device", "cpu", "--out", str(out), "--parts", "kernels,gpu"]) == 2
     assert "--parts takes a comma list" in capsys.readouterr().err

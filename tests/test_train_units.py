@@ -78,8 +78,11 @@ def _small_net() -> nn.Module:
     return net
 
 
-def test_lars_matches_plain_per_parameter_lars_step_by_step() -> None:
-    a, b = _small_net(), _small_net()
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_lars_matches_plain_per_parameter_lars_step_by_step(layout: torch.memory_format) -> None:
+    """Also with the trainer's channels_last conv kernels, which LARS hands to the fused kernel
+    as permuted views: the same values, updated in place, with no copy per step."""
+    a, b = _small_net().to(memory_format=layout), _small_net()
     opt = LARS(lars_param_groups(a.parameters()), lr=0.5, weight_decay=1e-2, momentum=0.9, trust_coefficient=0.02)
     pb, bufs = list(b.parameters()), {}
     assert len(opt.param_groups[0]["params"]) == 3 and len(opt.param_groups[1]["params"]) == 4  # ndim<=1 excluded
@@ -87,14 +90,17 @@ def test_lars_matches_plain_per_parameter_lars_step_by_step() -> None:
         x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(step))
         for net in (a, b):
             net.zero_grad()
-            (net(x) - 1).pow(2).sum().backward()
+            (net(x.contiguous(memory_format=layout) if net is a else x) - 1).pow(2).sum().backward()
         lr = 0.05 * (step + 1) / 6
         for g in opt.param_groups:
             g["lr"] = lr
-        opt.step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            opt.step()
+        assert not [e.name for e in prof.events() if e.name in ("aten::contiguous", "aten::clone")]
         _plain_lars_step(pb, bufs, lr, 1e-2, 0.9, 0.02)
         for pa, pp in zip(a.parameters(), pb):
             torch.testing.assert_close(pa, pp, rtol=1e-5, atol=1e-6)
+    assert a[0].weight.is_contiguous(memory_format=layout)
     assert a[5].weight.abs().sum() > 0  # the zero-init layer moved
 
 

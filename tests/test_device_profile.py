@@ -1,0 +1,65 @@
+"""`mveb bench step --profile`: device work by kind from a real profiled step (CPU here), and
+the name rules that sort CUDA kernels into kinds."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from mveb.bench_step import bench_step, format_table
+from mveb.device_profile import _union_us, kind_of
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_triton_loss_kernel_is_counted_as_loss() -> None:
+    tree = ast.parse((ROOT / "kernels" / "triton_kernels.py").read_text())
+    launched = [f.name for f in tree.body if isinstance(f, ast.FunctionDef) and f.name.endswith("_kernel")]
+    assert len(launched) >= 6
+    assert {name: kind_of(name) for name in launched} == {name: "loss" for name in launched}
+
+
+@pytest.mark.parametrize("name,kind", [
+    # cuDNN and cutlass convolutions name gemm in them; they are convolutions
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution"),
+    ("cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816dgrad_optimized_bf16_128x128_32x5_nhwc>", "convolution"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x128x64", "matmul"),
+    ("void at::native::batch_norm_backward_reduce_channels_last_kernel<4, c10::BFloat16, float>", "batchnorm"),
+    ("bn_fw_tr_1C11_kernel_NCHW", "batchnorm"),
+    ("void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true>", "layout"),
+    ("void at::native::multi_tensor_apply_kernel<at::native::FusedSgdMathFunctor<float, 3>>", "foreach (optimizer, EMA)"),
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "communication"),
+    ("void dali::kernels::SliceFlipNormalizePermutePadKernel<__half, unsigned char, 3>", "loader"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "elementwise"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::NormTwoOps<float>>>", "reduction"),
+    ("triton_poi_fused_add_relu_threshold_backward_12", "elementwise"),
+    ("Memcpy HtoD (Pageable -> Device)", "copy"),
+    ("aten::clamp_min", "elementwise"),
+    ("aten::max_pool2d_with_indices", "pooling"),
+])
+def test_kernel_names_sort_into_kinds(name: str, kind: str) -> None:
+    assert kind_of(name) == kind
+
+
+def test_busy_time_counts_overlapping_streams_once() -> None:
+    assert _union_us([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+
+
+def test_profiled_cpu_step_attributes_its_time(photo_train: Path) -> None:
+    """A real demo step on this CPU: the backbone's convolutions are the largest kind, the kinds
+    add up to the busy time, and the loader-fed row is profiled with its loader."""
+    report = bench_step("cpu", batch_size=4, loaders=("synthetic", "torch"), data=str(photo_train), steps=2,
+                        official=False, profile=True)
+    rows = {r["variant"]: r for r in report["results"]}
+    assert list(rows) == ["mveb", "mveb torch"]
+    for r in rows.values():
+        work = r["device"]
+        assert max(work["kinds"], key=work["kinds"].get) == "convolution"
+        assert {"batchnorm", "foreach (optimizer, EMA)", "loss"} <= set(work["kinds"])
+        assert sum(work["kinds"].values()) == pytest.approx(work["busy_ms"])
+        assert 0 < work["busy_ms"] <= work["wall_ms"]
+        assert work["calls"]["convolution"] > 0 and work["top"][0]["ms"] >= work["top"][-1]["ms"]
+    table = format_table(report)
+    assert "Device work by kind" in table and "| mveb torch |" in table.split("Device work by kind")[1]
