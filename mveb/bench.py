@@ -40,6 +40,8 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, choices=["imagenet_rn50", "demo"],
                    help="model and recipe preset (default: imagenet_rn50 on CUDA, demo on CPU)")
     p.add_argument("--no-official", action="store_true", help="skip the official-style baseline")
+    p.add_argument("--fp16", action="store_true",
+                   help="also time the step under fp16 autocast and a GradScaler (CUDA; the preset's is bf16)")
     p.add_argument("--profile", action="store_true",
                    help="profile 2 more steps per variant: device time by kind of work (convolution, batchnorm, ...)")
     p.add_argument("--json", default=None, help="write results as JSON here")

@@ -102,7 +102,7 @@ def bench_all(device: str, data: str | None, out: Path, compile: bool = True,
         fast = ["--compile"] if compile else []
         _part("step_b128", ["bench", "step", "--device", "cuda", "--batch-size", "128", "--profile"] + fast,
               out / "step_b128.json", results)
-        _part("step", ["bench", "step", "--device", "cuda", "--batch-size", str(step_b), "--no-official", "--profile",
+        _part("step", ["bench", "step", "--device", "cuda", "--batch-size", str(step_b), "--no-official", "--profile", "--fp16",
                        "--loader", "synthetic,dali", "--priority-stream", "--data", data] + fast,
               out / "step.json", results)
     elif "step" in parts:

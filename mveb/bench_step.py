@@ -6,6 +6,9 @@ like on a shared, noisy machine:
   B x B x D entropy, fp16 + GradScaler on GPUs, a per-parameter LARS loop), the baseline;
 - `mveb`: this trainer's step on synthetic data (grouped by resolution, fused loss, foreach
   LARS, bf16), the compute ceiling;
+- `mveb fp16` (with --fp16, CUDA): the same step under fp16 autocast and a GradScaler. torch
+  runs BatchNorm through cuDNN for fp16 and through its own kernels for bf16, so the two can
+  differ in speed as well as in range;
 - `mveb+compile`: the same with the online and momentum backbones compiled (with --compile);
 - `mveb <loader>` (or `mveb+compile <loader>` with --compile): the fastest step above fed by
   a real loader, with its data-wait fraction and its ratio to that step on synthetic data;
@@ -139,7 +142,7 @@ def _loader_batches(backend: str, data: str, cfg: Config, device: torch.device, 
 def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tuple[str, ...] = ("synthetic",),
                data: str | None = None, compile: bool = False, steps: int | None = None,
                official: bool = True, config: str | None = None, priority_stream: bool = False,
-               profile: bool = False) -> dict[str, Any]:
+               profile: bool = False, fp16: bool = False) -> dict[str, Any]:
     dev = resolve_device(device)
     on_gpu = dev.type == "cuda"
     cfg = get_config(config or ("imagenet_rn50" if on_gpu else "demo"), ["run.progress=false"])
@@ -151,6 +154,8 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
         raise UsageError(f"--loader {','.join(real)} needs --data (an ImageFolder)")
     if data and not Path(data).exists():
         raise UsageError(f"--data {data} does not exist")
+    if fp16 and not on_gpu:
+        raise UsageError("--fp16 times CUDA's fp16 autocast; a CPU step runs in fp32")
     dtype = amp_dtype(cfg.precision.amp, dev) or torch.float32
 
     results: list[dict[str, Any]] = []
@@ -177,6 +182,9 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
     batch = synthetic_batch(cfg, dev, dtype)
     # the baseline: no fallback
     results.append(run_variant("mveb", cfg, dev, itertools.repeat(batch), steps, warmup, profile=2 * profile))
+    if fp16:
+        half = replace(cfg, precision=replace(cfg.precision, amp="fp16"))
+        attempt("mveb fp16", half, itertools.repeat(synthetic_batch(half, dev, torch.float16)))
     fast, name = cfg, "mveb"
     if compile:  # the loaders then feed the compiled step: the fast path is what they must keep busy
         compiled = replace(cfg, precision=replace(cfg.precision, compile=True))
@@ -231,7 +239,7 @@ def main(args: argparse.Namespace) -> int:
         return ddp_main(args)
     report = bench_step(args.device, args.batch_size, tuple(args.loader.split(",")), args.data, args.compile,
                         args.steps, official=not args.no_official, config=args.config,
-                        priority_stream=args.priority_stream, profile=args.profile)
+                        priority_stream=args.priority_stream, profile=args.profile, fp16=args.fp16)
     print(f"MVEB step on {report['device_name']} ({report['arch']}), phases in ms per step:")
     print(format_table(report))
     if args.json:

@@ -67,11 +67,13 @@ def test_profiled_cpu_step_attributes_its_time(photo_train: Path) -> None:
 
 @pytest.mark.gpu
 def test_bf16_cuda_step_has_no_hidden_format_conversion() -> None:
-    """The profiler's view of channels_last end to end: a bf16 step on CUDA runs no cuDNN
-    NCHW <-> NHWC conversion kernel, and its work is mostly convolution."""
-    report = bench_step("cuda", batch_size=32, config="demo", steps=2, official=False, profile=True)
-    work = report["results"][0]["device"]
-    layout = [t for t in work["top"] if t["kind"] == "layout"]
-    assert "layout" not in work["kinds"], layout
-    assert {"convolution", "batchnorm", "foreach (optimizer, EMA)", "loss"} <= set(work["kinds"])
-    assert 0 < work["busy_ms"] <= work["wall_ms"]
+    """The profiler's view of channels_last end to end: a bf16 step on CUDA, and an fp16 one
+    (BatchNorm through cuDNN there), run no cuDNN NCHW <-> NHWC conversion kernel."""
+    report = bench_step("cuda", batch_size=32, config="demo", steps=2, official=False, profile=True, fp16=True)
+    assert [r["variant"] for r in report["results"]] == ["mveb", "mveb fp16"]
+    for row in report["results"]:
+        work = row["device"]
+        layout = [t for t in work["top"] if t["kind"] == "layout"]
+        assert "layout" not in work["kinds"], (row["variant"], layout)
+        assert {"convolution", "batchnorm", "foreach (optimizer, EMA)", "loss"} <= set(work["kinds"]), row["variant"]
+        assert 0 < work["busy_ms"] <= work["wall_ms"]

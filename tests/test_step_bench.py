@@ -122,3 +122,11 @@ def test_step_bench_under_torchrun_reports_exposed_communication(tmp_path: Path)
     alone, ddp = zip(*report["step_ms_per_rank"])
     assert report["exposed_comm_ms"] == pytest.approx(sum(d - a for a, d in zip(alone, ddp)) / 2)
     assert report["allreduce_mib_per_step"] > 1  # a ResNet-18 and its projector in fp32
+
+
+def test_step_bench_fp16_on_a_cpu_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from mveb.cli import main
+
+    assert main(["bench", "step", "--device", "cpu", "--fp16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fp16" in err and "Traceback" not in err

@@ -132,6 +132,40 @@ def test_lars_found_inf_skips_on_the_device_and_the_next_step_is_the_plain_one()
         torch.testing.assert_close(pa, pp, rtol=1e-5, atol=1e-6)
 
 
+def test_lars_under_a_grad_scaler_takes_its_flag_without_a_host_read() -> None:
+    """fp16 steps: GradScaler hands LARS its non-finite flag as a tensor (no .item() on the
+    flag, which the profiler would show as aten::_local_scalar_dense); a finite step equals
+    plain LARS on the unscaled gradients, a non-finite one changes nothing and halves the scale."""
+    a, b = _small_net(), _small_net()
+    opt = LARS(lars_param_groups(a.parameters()), lr=0.3, weight_decay=1e-2, momentum=0.9, trust_coefficient=0.02)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    pb, bufs = list(b.parameters()), {}
+    for step, poison in enumerate([False, True, False]):
+        x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(step))
+        for net in (a, b):
+            net.zero_grad()
+            loss = (net(x) - 1).pow(2).sum()
+            (scaler.scale(loss) if net is a else loss).backward()
+        if poison:
+            next(a.parameters()).grad[0] = float("inf")
+        before = [p.detach().clone() for p in a.parameters()]
+        scaler.unscale_(opt)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            scaler.step(opt)
+            scaler.update()
+        assert "aten::_local_scalar_dense" not in {e.name for e in prof.events()}
+        if poison:
+            assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+            assert scaler.get_scale() == 512.0
+        else:
+            _plain_lars_step(pb, bufs, 0.3, 1e-2, 0.9, 0.02)
+            for pa, pp in zip(a.parameters(), pb):
+                torch.testing.assert_close(pa, pp, rtol=1e-5, atol=1e-6)
+    scaler.scale(a(torch.randn(2, 3, 8, 8)).sum()).backward()
+    with pytest.raises(RuntimeError, match="unscale_"):  # scaled gradients would give a wrong trust ratio
+        scaler.step(opt)
+
+
 def test_trainer_skips_a_non_finite_step_without_reading_it_back() -> None:
     from mveb.bench_step import synthetic_batch
     from train.distributed import DistInfo

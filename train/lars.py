@@ -26,6 +26,10 @@ def lars_param_groups(params: Iterable[torch.nn.Parameter]) -> list[dict]:
 
 
 class LARS(torch.optim.Optimizer):
+    # GradScaler then hands over its device flag as `self.found_inf` instead of reading it back
+    # on the host to decide whether to call step(): fp16 steps stay free of host syncs too.
+    _step_supports_amp_scaling = True
+
     def __init__(self, params: Iterable, lr: float, weight_decay: float = 1e-6, momentum: float = 0.9,
                  trust_coefficient: float = 0.001) -> None:
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
@@ -35,7 +39,13 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None, found_inf: torch.Tensor | None = None):  # type: ignore[override]
         """One update; with found_inf (a float 0-d tensor on the parameters' device) != 0 the
-        parameters and momentum buffers stay as they are. The gradients are overwritten."""
+        parameters and momentum buffers stay as they are. The gradients are overwritten.
+        Under a GradScaler, call scaler.unscale_(optimizer) first: the trust ratio needs the
+        true gradient norms."""
+        if getattr(self, "grad_scale", None) is not None:
+            raise RuntimeError("LARS needs unscaled gradients: call scaler.unscale_(optimizer) before scaler.step")
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]

@@ -137,7 +137,7 @@ class Trainer:
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
             finite = self._grads_finite()
-            if self.scaler:  # the scaler skips a non-finite step itself (it reads its flag) and lowers its scale
+            if self.scaler:  # the scaler hands LARS its own non-finite flag (no host read) and lowers its scale
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
