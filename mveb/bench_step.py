@@ -190,18 +190,21 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
         compiled = replace(cfg, precision=replace(cfg.precision, compile=True))
         if attempt("mveb+compile", compiled, itertools.repeat(batch)):
             fast, name = compiled, "mveb+compile"
+    fed = []
     for backend in real:
-        attempt(f"{name} {backend}", fast, _loader_batches(backend, data, fast, dev, dtype))
+        fed.append(f"{name} {backend}")
+        attempt(fed[-1], fast, _loader_batches(backend, data, fast, dev, dtype))
         if priority_stream:
             prio = replace(fast, precision=replace(fast.precision, priority_stream=True))
-            attempt(f"{name} {backend} +priority", prio, _loader_batches(backend, data, prio, dev, dtype))
+            fed.append(f"{name} {backend} +priority")
+            attempt(fed[-1], prio, _loader_batches(backend, data, prio, dev, dtype))
     eager = next(r for r in results if r["variant"] == "mveb")["samples_per_s"]
     synthetic = next(r for r in results if r["variant"] == name)["samples_per_s"]
     for r in results:
         if "error" in r:
             continue
         r["ratio_to_mveb_synthetic"] = r["samples_per_s"] / eager
-        if r["variant"].startswith(name + " "):
+        if r["variant"] in fed:
             r["ratio_to_synthetic"] = r["samples_per_s"] / synthetic
     return {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if on_gpu else "cpu",
             "arch": cfg.model.arch, "recipe": cfg.data.recipe().to_dict(), "torch": torch.__version__,

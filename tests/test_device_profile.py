@@ -71,6 +71,7 @@ def test_bf16_cuda_step_has_no_hidden_format_conversion() -> None:
     (BatchNorm through cuDNN there), run no cuDNN NCHW <-> NHWC conversion kernel."""
     report = bench_step("cuda", batch_size=32, config="demo", steps=2, official=False, profile=True, fp16=True)
     assert [r["variant"] for r in report["results"]] == ["mveb", "mveb fp16"]
+    assert "ratio_to_synthetic" not in report["results"][1]  # not a loader-fed row
     for row in report["results"]:
         work = row["device"]
         layout = [t for t in work["top"] if t["kind"] == "layout"]
