@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from tqdm import tqdm
 
 from mveb.device_profile import format_kinds, profile_steps
 from mveb.devices import resolve_device, step_stream, synchronize
@@ -159,18 +160,26 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
     dtype = amp_dtype(cfg.precision.amp, dev) or torch.float32
 
     results: list[dict[str, Any]] = []
+    # A compiled variant spends minutes compiling before its first step: say what is running.
+    bar = tqdm(total=int(official) + 1 + int(fp16) + int(compile) + len(real) * (1 + int(priority_stream)),
+               desc="bench step", unit="variant")
 
-    def attempt(name: str, cfg: Config, batches: Iterator[MultiCropBatch], **kw: Any) -> bool:
+    def attempt(name: str, cfg: Config, batches: Iterator[MultiCropBatch], fallback: bool = True, **kw: Any) -> bool:
         """Run one variant; one that fails (a compile error, a broken loader) becomes an error
-        row, and the variants after it still run."""
+        row, and the variants after it still run (fallback=False: the failure propagates)."""
+        bar.set_postfix_str(name)
         try:
             results.append(run_variant(name, cfg, dev, batches, steps, warmup, profile=2 * profile, **kw))
             return True
         except Exception as e:  # noqa: BLE001 - the other variants are still worth measuring
+            if not fallback:
+                raise
             error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             results.append({"variant": name, "batch_size": cfg.data.batch_size, "error": error})
-            print(f"bench step: {name} failed: {error}", flush=True)
+            bar.write(f"bench step: {name} failed: {error}")
             return False
+        finally:
+            bar.update()
 
     if official:
         # fp16 as the official code on GPUs; on a CPU fp16 is emulated and would only measure that.
@@ -180,8 +189,7 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
         batch = synthetic_batch(off, dev, amp_dtype(off.precision.amp, dev) or torch.float32)
         attempt("official-style", off, itertools.repeat(batch), per_parameter_lars=True)
     batch = synthetic_batch(cfg, dev, dtype)
-    # the baseline: no fallback
-    results.append(run_variant("mveb", cfg, dev, itertools.repeat(batch), steps, warmup, profile=2 * profile))
+    attempt("mveb", cfg, itertools.repeat(batch), fallback=False)  # the baseline every ratio needs
     if fp16:
         half = replace(cfg, precision=replace(cfg.precision, amp="fp16"))
         attempt("mveb fp16", half, itertools.repeat(synthetic_batch(half, dev, torch.float16)))
@@ -206,6 +214,7 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
         r["ratio_to_mveb_synthetic"] = r["samples_per_s"] / eager
         if r["variant"] in fed:
             r["ratio_to_synthetic"] = r["samples_per_s"] / synthetic
+    bar.close()
     return {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if on_gpu else "cpu",
             "arch": cfg.model.arch, "recipe": cfg.data.recipe().to_dict(), "torch": torch.__version__,
             "results": results}
