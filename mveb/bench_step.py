@@ -143,7 +143,9 @@ def _loader_batches(backend: str, data: str, cfg: Config, device: torch.device, 
 def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tuple[str, ...] = ("synthetic",),
                data: str | None = None, compile: bool = False, steps: int | None = None,
                official: bool = True, config: str | None = None, priority_stream: bool = False,
-               profile: bool = False, fp16: bool = False) -> dict[str, Any]:
+               profile: bool = False, fp16: bool = False, json_path: str | Path | None = None) -> dict[str, Any]:
+    """Every variant in one process; the report (see format_table). json_path: the report so far
+    is written there after every variant, so a run cut short keeps what it measured."""
     dev = resolve_device(device)
     on_gpu = dev.type == "cuda"
     cfg = get_config(config or ("imagenet_rn50" if on_gpu else "demo"), ["run.progress=false"])
@@ -160,26 +162,46 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
     dtype = amp_dtype(cfg.precision.amp, dev) or torch.float32
 
     results: list[dict[str, Any]] = []
+    fed: list[str] = []  # the loader-fed variants
+    name = "mveb"  # the synthetic step they feed
+
+    def report() -> dict[str, Any]:
+        """The rows so far, with the ratios whose baselines have run."""
+        rate = {r["variant"]: r["samples_per_s"] for r in results if "error" not in r}
+        for r in results:
+            if "error" in r:
+                continue
+            if "mveb" in rate:
+                r["ratio_to_mveb_synthetic"] = r["samples_per_s"] / rate["mveb"]
+            if r["variant"] in fed and name in rate:
+                r["ratio_to_synthetic"] = r["samples_per_s"] / rate[name]
+        return {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if on_gpu else "cpu",
+                "arch": cfg.model.arch, "recipe": cfg.data.recipe().to_dict(), "torch": torch.__version__,
+                "results": results}
+
     # A compiled variant spends minutes compiling before its first step: say what is running.
     bar = tqdm(total=int(official) + 1 + int(fp16) + int(compile) + len(real) * (1 + int(priority_stream)),
                desc="bench step", unit="variant")
 
-    def attempt(name: str, cfg: Config, batches: Iterator[MultiCropBatch], fallback: bool = True, **kw: Any) -> bool:
+    def attempt(variant: str, vcfg: Config, batches: Iterator[MultiCropBatch], fallback: bool = True,
+                **kw: Any) -> bool:
         """Run one variant; one that fails (a compile error, a broken loader) becomes an error
         row, and the variants after it still run (fallback=False: the failure propagates)."""
-        bar.set_postfix_str(name)
+        bar.set_postfix_str(variant)
         try:
-            results.append(run_variant(name, cfg, dev, batches, steps, warmup, profile=2 * profile, **kw))
+            results.append(run_variant(variant, vcfg, dev, batches, steps, warmup, profile=2 * profile, **kw))
             return True
         except Exception as e:  # noqa: BLE001 - the other variants are still worth measuring
             if not fallback:
                 raise
             error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            results.append({"variant": name, "batch_size": cfg.data.batch_size, "error": error})
-            bar.write(f"bench step: {name} failed: {error}")
+            results.append({"variant": variant, "batch_size": vcfg.data.batch_size, "error": error})
+            bar.write(f"bench step: {variant} failed: {error}")
             return False
         finally:
             bar.update()
+            if json_path:
+                write_atomic(json_path, json.dumps(report(), indent=2))
 
     if official:
         # fp16 as the official code on GPUs; on a CPU fp16 is emulated and would only measure that.
@@ -193,12 +215,11 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
     if fp16:
         half = replace(cfg, precision=replace(cfg.precision, amp="fp16"))
         attempt("mveb fp16", half, itertools.repeat(synthetic_batch(half, dev, torch.float16)))
-    fast, name = cfg, "mveb"
+    fast = cfg
     if compile:  # the loaders then feed the compiled step: the fast path is what they must keep busy
         compiled = replace(cfg, precision=replace(cfg.precision, compile=True))
         if attempt("mveb+compile", compiled, itertools.repeat(batch)):
             fast, name = compiled, "mveb+compile"
-    fed = []
     for backend in real:
         fed.append(f"{name} {backend}")
         attempt(fed[-1], fast, _loader_batches(backend, data, fast, dev, dtype))
@@ -206,18 +227,8 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
             prio = replace(fast, precision=replace(fast.precision, priority_stream=True))
             fed.append(f"{name} {backend} +priority")
             attempt(fed[-1], prio, _loader_batches(backend, data, prio, dev, dtype))
-    eager = next(r for r in results if r["variant"] == "mveb")["samples_per_s"]
-    synthetic = next(r for r in results if r["variant"] == name)["samples_per_s"]
-    for r in results:
-        if "error" in r:
-            continue
-        r["ratio_to_mveb_synthetic"] = r["samples_per_s"] / eager
-        if r["variant"] in fed:
-            r["ratio_to_synthetic"] = r["samples_per_s"] / synthetic
     bar.close()
-    return {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if on_gpu else "cpu",
-            "arch": cfg.model.arch, "recipe": cfg.data.recipe().to_dict(), "torch": torch.__version__,
-            "results": results}
+    return report()
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -231,8 +242,8 @@ def format_table(report: dict[str, Any]) -> str:
             continue
         ph = r["phases_ms"]
         fed = f"{r['ratio_to_synthetic']:.3f}" if "ratio_to_synthetic" in r else "-"
-        row = [r["variant"], str(r["batch_size"]), f"{r['samples_per_s']:.1f}", f"{r['ratio_to_mveb_synthetic']:.2f}",
-               fed, f"{r['step_ms']:.1f}", f"{100 * r['data_wait_fraction']:.1f}%"]
+        eager = f"{r['ratio_to_mveb_synthetic']:.2f}" if "ratio_to_mveb_synthetic" in r else "-"
+        row = [r["variant"], str(r["batch_size"]), f"{r['samples_per_s']:.1f}", eager, fed, f"{r['step_ms']:.1f}", f"{100 * r['data_wait_fraction']:.1f}%"]
         row += [f"{ph[p]:.1f}" for p in PHASES[1:]] + [f"{r['unaccounted_ms']:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
     profiled = [(r["variant"], r["device"]) for r in report["results"] if "device" in r]
@@ -251,9 +262,8 @@ def main(args: argparse.Namespace) -> int:
         return ddp_main(args)
     report = bench_step(args.device, args.batch_size, tuple(args.loader.split(",")), args.data, args.compile,
                         args.steps, official=not args.no_official, config=args.config,
-                        priority_stream=args.priority_stream, profile=args.profile, fp16=args.fp16)
+                        priority_stream=args.priority_stream, profile=args.profile, fp16=args.fp16,
+                        json_path=args.json)
     print(f"MVEB step on {report['device_name']} ({report['arch']}), phases in ms per step:")
     print(format_table(report))
-    if args.json:
-        write_atomic(args.json, json.dumps(report, indent=2))
     return 0

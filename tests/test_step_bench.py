@@ -130,3 +130,25 @@ def test_step_bench_fp16_on_a_cpu_is_a_one_line_error(capsys: pytest.CaptureFixt
     assert main(["bench", "step", "--device", "cpu", "--fp16"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "fp16" in err and "Traceback" not in err
+
+
+def test_step_bench_keeps_each_variant_in_its_json_as_it_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU host's time limit may cut a run with compiled variants: the JSON holds every variant
+    that ended, with the ratios whose baselines have run, and the table prints from it."""
+    import mveb.bench_step as bench_module
+
+    written: list[dict] = []
+    write = bench_module.write_atomic
+
+    def keep(path: Path, text: str) -> None:
+        written.append(json.loads(text))
+        write(path, text)
+
+    monkeypatch.setattr(bench_module, "write_atomic", keep)
+    out = tmp_path / "step.json"
+    report = bench_step("cpu", batch_size=4, steps=2, json_path=out)
+    assert [[r["variant"] for r in w["results"]] for w in written] == [["official-style"], ["official-style", "mveb"]]
+    first = written[0]["results"][0]
+    assert first["samples_per_s"] > 0 and "ratio_to_mveb_synthetic" not in first  # its baseline had not run
+    assert "| official-style | 4 |" in format_table(written[0])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
