@@ -105,7 +105,7 @@ def bench_all(device: str, data: str | None, out: Path, compile: bool = True,
         _part("step", ["bench", "step", "--device", "cuda", "--batch-size", str(step_b), "--no-official", "--profile",
                        "--fp16", "--loader", "synthetic,dali", "--priority-stream", "--data", data] + fast,
               out / "step.json", results)
-        _part("step_b128", ["bench", "step", "--device", "cuda", "--batch-size", "128", "--profile"] + fast,
+        _part("step_b128", ["bench", "step", "--device", "cuda", "--batch-size", "128", "--profile", "--fp16"] + fast,
               out / "step_b128.json", results)
     elif "step" in parts:
         _part("step", ["bench", "step", "--device", "cpu", "--batch-size", str(step_b), "--profile",
