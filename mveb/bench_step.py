@@ -190,18 +190,19 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
         bar.set_postfix_str(variant)
         try:
             results.append(run_variant(variant, vcfg, dev, batches, steps, warmup, profile=2 * profile, **kw))
-            return True
+            ok = True
         except Exception as e:  # noqa: BLE001 - the other variants are still worth measuring
             if not fallback:
+                bar.close()
                 raise
             error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
             results.append({"variant": variant, "batch_size": vcfg.data.batch_size, "error": error})
             bar.write(f"bench step: {variant} failed: {error}")
-            return False
-        finally:
-            bar.update()
-            if json_path:
-                write_atomic(json_path, json.dumps(report(), indent=2))
+            ok = False
+        bar.update()
+        if json_path:
+            write_atomic(json_path, json.dumps(report(), indent=2))
+        return ok
 
     if official:
         # fp16 as the official code on GPUs; on a CPU fp16 is emulated and would only measure that.

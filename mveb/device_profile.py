@@ -21,7 +21,10 @@ import torch
 
 from mveb.devices import synchronize
 
-# First match wins, on the lowercased name; kernel names (CUDA) and aten op names (CPU) alike.
+# First match wins, on the lowercased name up to its template or argument list (a kernel's full
+# signature names functors and types that say nothing of its kind); kernel names (CUDA) and aten
+# op names (CPU) alike. Convolutions alone are matched on the whole name: cuDNN's cutlass
+# kernels say fprop / dgrad / wgrad only inside their template arguments.
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("layout", ("nchwtonhwc", "nhwctonchw", "converttensor")),
     ("communication", ("nccl", "allreduce", "all_reduce", "all_to_all", "gloo")),
@@ -32,21 +35,35 @@ KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
               "cusolver", "kthvalue", "sort")),
     ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "winograd")),
     ("batchnorm", ("batch_norm", "batchnorm", "bn_fw", "bn_bw", "welford")),
-    ("matmul", ("gemm", "addmm", "aten::mm", "aten::bmm", "matmul", "cutlass")),
-    ("foreach (optimizer, EMA)", ("multi_tensor", "foreach", "fused_sgd", "lerp")),
+    ("convolution", ("cudnn",)),  # cuDNN's other helpers (weight-gradient packing, ...)
+    ("matmul", ("gemm", "gemv", "nvjet", "cublas", "addmm", "aten::mm", "aten::bmm", "matmul", "cutlass",
+                "triton_tem")),  # torch.compile max-autotune templates; its conv ones matched above
+    ("foreach (optimizer, EMA)", ("multi_tensor", "foreach", "fused_sgd", "lerp", "lpnorm")),
     ("pooling", ("pool",)),
     ("copy", ("memcpy", "memset", "copy", "fill", "zero_", "aten::cat", "aten::stack", "clone")),
-    ("reduction", ("reduce", "triton_red", "triton_per", "aten::sum", "aten::mean", "aten::norm",
-                   "vector_norm", "aten::max", "aten::min", "aten::amax")),
-    ("elementwise", ("elementwise", "vectorized", "triton_poi", "relu", "threshold", "add", "mul", "div",
-                     "sub", "where", "exp", "clamp", "neg", "pow", "sqrt")),
+    ("reduction", ("reduce", "aten::sum", "aten::mean", "aten::norm", "vector_norm", "aten::max", "aten::min",
+                   "aten::amax")),
+    ("elementwise", ("elementwise", "vectorized", "relu", "threshold", "add", "mul", "div", "sub", "where",
+                     "exp", "clamp", "neg", "pow", "sqrt")),
 )
+FULL_NAME_KINDS = {"convolution"}
 OTHER = "other"
 
 
 def kind_of(name: str) -> str:
-    low = name.lower()
-    return next((kind for kind, keys in KINDS if any(k in low for k in keys)), OTHER)
+    full = name.lower()
+    head = full.split("<", 1)[0].split("(", 1)[0]
+    if head.startswith("triton_") and not head.startswith("triton_tem"):
+        # torch.compile's kernels, named after every op they fuse (a bf16 one names its casts,
+        # `_to_copy`): the prefix says pointwise or reduction, and a fused batchnorm is batchnorm.
+        if "batch_norm" in head:
+            return "batchnorm"
+        return "elementwise" if head.startswith("triton_poi") else "reduction"
+    for kind, keys in KINDS:
+        text = full if kind in FULL_NAME_KINDS else head
+        if any(k in text for k in keys):
+            return kind
+    return OTHER
 
 
 def profile_steps(step: Callable[[], None], device: torch.device, steps: int = 1) -> dict[str, Any]:

@@ -35,6 +35,17 @@ def test_every_triton_loss_kernel_is_counted_as_loss() -> None:
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", "elementwise"),
     ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::NormTwoOps<float>>>", "reduction"),
     ("triton_poi_fused_add_relu_threshold_backward_12", "elementwise"),
+    # torch.compile names a kernel after all it fuses: its prefix decides, not a fused cast or conv
+    ("triton_poi_fused__to_copy_add_mul_relu_3", "elementwise"),
+    ("triton_red_fused_convolution_backward_native_batch_norm_backward_7", "batchnorm"),
+    ("triton_per_fused_sum_4", "reduction"),
+    # template arguments do not decide (a foreach norm's cleanup names TensorListAddresses)
+    ("void at::native::lpnorm_cleanup<float, (at::native::NormType)1, float, float>(TensorListAddresses)",
+     "foreach (optimizer, EMA)"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::WelfordOps<float>>>", "reduction"),
+    ("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopB_TNT", "matmul"),
+    ("void cublasLt::splitKreduce_kernel<32, 16, int, float, float>(cublasLt::cublasSplitKParams<float>)", "matmul"),
+    ("void cudnn::ops::scalePackedTensor_kernel<float, float>(cudnnTensor4dStruct, float*, float)", "convolution"),
     ("Memcpy HtoD (Pageable -> Device)", "copy"),
     ("aten::clamp_min", "elementwise"),
     ("aten::max_pool2d_with_indices", "pooling"),

@@ -164,6 +164,32 @@ def test_lars_under_a_grad_scaler_takes_its_flag_without_a_host_read() -> None:
     scaler.scale(a(torch.randn(2, 3, 8, 8)).sum()).backward()
     with pytest.raises(RuntimeError, match="unscale_"):  # scaled gradients would give a wrong trust ratio
         scaler.step(opt)
+    scaler.unscale_(opt)  # and the next, correct step goes through
+    scaler.step(opt)
+    scaler.update()
+
+
+def test_lars_steps_right_when_buffers_and_grads_come_in_another_layout() -> None:
+    """A momentum buffer restored in NCHW for a channels_last weight, or a gradient in another
+    layout: the fused kernel walks raw memory, so LARS lays them out like the weight first."""
+    a, b = _small_net().to(memory_format=torch.channels_last), _small_net()
+    opt = LARS(lars_param_groups(a.parameters()), lr=0.5, weight_decay=1e-2, momentum=0.9, trust_coefficient=0.02)
+    pb, bufs = list(b.parameters()), {}
+    conv = a[0].weight
+    for step in range(3):
+        x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(step))
+        for net in (a, b):
+            net.zero_grad()
+            (net(x) - 1).pow(2).sum().backward()
+        if step:
+            opt.state[conv]["momentum_buffer"] = opt.state[conv]["momentum_buffer"].contiguous()
+            conv.grad = conv.grad.contiguous()
+            assert not conv.grad.is_contiguous(memory_format=torch.channels_last)
+        opt.step()
+        _plain_lars_step(pb, bufs, 0.5, 1e-2, 0.9, 0.02)
+        for pa, pp in zip(a.parameters(), pb):  # channels_last convolutions round differently
+            torch.testing.assert_close(pa, pp, rtol=1e-4, atol=1e-5)
+    assert opt.state[conv]["momentum_buffer"].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_trainer_skips_a_non_finite_step_without_reading_it_back() -> None:

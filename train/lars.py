@@ -43,6 +43,7 @@ class LARS(torch.optim.Optimizer):
         Under a GradScaler, call scaler.unscale_(optimizer) first: the trust ratio needs the
         true gradient norms."""
         if getattr(self, "grad_scale", None) is not None:
+            del self.grad_scale, self.found_inf  # GradScaler deletes them only after a step that returns
             raise RuntimeError("LARS needs unscaled gradients: call scaler.unscale_(optimizer) before scaler.step")
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
@@ -51,6 +52,9 @@ class LARS(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
+            for p in params:
+                if p.grad.stride() != p.stride():  # the fused kernel needs one memory order per triple
+                    p.grad = torch.empty_like(p).copy_(p.grad)
             grads = [p.grad for p in params]
             if group["lars"]:
                 torch._foreach_add_(grads, params, alpha=group["weight_decay"])
@@ -65,6 +69,8 @@ class LARS(torch.optim.Optimizer):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
+                elif state["momentum_buffer"].stride() != p.stride():  # e.g. restored from another layout
+                    state["momentum_buffer"] = torch.empty_like(p).copy_(state["momentum_buffer"])
                 bufs.append(state["momentum_buffer"])
             params, grads, bufs = map(list, zip(*map(_dense_views, params, grads, bufs)))
             # buf = momentum buf + update; p -= lr buf (zero buffers at the start, so no first-step case).
@@ -75,12 +81,10 @@ class LARS(torch.optim.Optimizer):
 
 
 def _dense_views(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """A channels_last conv kernel with its gradient and buffer, as contiguous (permuted) views
-    of the same memory: the fused kernel then updates them in place as they are, where the CPU
-    kernel copied each one to a contiguous tensor and back every step (14 ms of a 335 ms demo
-    step, measured with `mveb bench step --profile`). Element order matches only when all three
-    share the layout, so a mixed triple is left as it is."""
-    if p.dim() == 4 and not p.is_contiguous() and all(t.is_contiguous(memory_format=torch.channels_last)
-                                                      for t in (p, g, buf)):
+    """A channels_last conv kernel with its gradient and buffer (all three with the same
+    strides), as contiguous (permuted) views of the same memory. The fused kernel walks raw
+    memory; given channels_last tensors its CPU version made contiguous copies every step (14 ms
+    of a 335 ms demo step, measured with `mveb bench step --profile`)."""
+    if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
         return tuple(t.permute(0, 2, 3, 1) for t in (p, g, buf))
     return p, g, buf
