@@ -160,7 +160,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(22, 4.5))
     loader = [r for r in results.get("loader", {}).get("results", []) if "images_per_s" in r]
     axes[0].bar([r["backend"] for r in loader], [r["images_per_s"] for r in loader], color="tab:blue")
     axes[0].set_title("loader images/s (all views)")
@@ -174,9 +174,26 @@ def chart(results: dict[str, Any], path: Path) -> None:
     axes[2].barh([f"{r['variant']} B{r['batch_size']}" for r in steps], [r["samples_per_s"] for r in steps],
                  color="tab:green")
     axes[2].set_title("training step samples/s")
+    _work_chart(axes[3], [r for r in steps if "device" in r])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _work_chart(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """Where each profiled step variant's device time goes: one stacked bar per variant, idle last."""
+    kinds = list(dict.fromkeys(k for r in rows for k in r["device"]["kinds"]))
+    labels = [f"{r['variant']} B{r['batch_size']}" for r in rows]
+    left = [0.0] * len(rows)
+    for kind in kinds:
+        ms = [r["device"]["kinds"].get(kind, 0.0) for r in rows]
+        ax.barh(labels, ms, left=left, label=kind)
+        left = [a + b for a, b in zip(left, ms)]
+    # idle = wall - busy (busy is the union over streams; the kinds' sum is larger when they overlap)
+    idle = [max(0.0, r["device"]["wall_ms"] - r["device"]["busy_ms"]) for r in rows]
+    ax.barh(labels, idle, left=left, label="idle", color="lightgrey")
+    ax.set(xlabel="ms per step", title="device time by kind (profiled steps)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def main(args: argparse.Namespace) -> int:
