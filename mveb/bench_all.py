@@ -169,6 +169,9 @@ def chart(results: dict[str, Any], path: Path) -> None:
         pts = [(r["batch"], r["ms"]) for r in kern if r["impl"] == impl]
         axes[1].plot(*zip(*pts), marker="o", label=impl)
     axes[1].set(xscale="log", yscale="log", xlabel="B", ylabel="ms", title="MVEB loss fwd+bwd, 8 views")
+    batches = sorted({r["batch"] for r in kern})
+    axes[1].set_xticks(batches, [str(b) for b in batches], minor=False)
+    axes[1].set_xticks([], minor=True)
     axes[1].legend(fontsize=8)
     steps = [r for key in ("step_b128", "step") for r in results.get(key, {}).get("results", []) if "error" not in r]
     axes[2].barh([f"{r['variant']} B{r['batch_size']}" for r in steps], [r["samples_per_s"] for r in steps],
