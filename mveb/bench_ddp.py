@@ -30,8 +30,9 @@ from train.step import amp_dtype
 
 
 def bench_step_ddp(device: str, batch_size: int | None, steps: int | None, config: str | None,
-                   compile: bool) -> dict[str, Any] | None:
-    """The report on rank 0, None on the other ranks."""
+                   compile: bool, profile: bool = False) -> dict[str, Any] | None:
+    """The report on rank 0, None on the other ranks. profile: each row also says what rank 0's
+    device did in 2 more steps (under DDP on a GPU, NCCL's kernels are the "communication" kind)."""
     info = init_distributed()
     try:
         dev = info.device
@@ -48,7 +49,8 @@ def bench_step_ddp(device: str, batch_size: int | None, steps: int | None, confi
         rows = []
         for name, dist in (("mveb, one process", alone), (f"mveb, DDP x {info.world_size}", info)):
             torch_dist.barrier()  # every rank starts each variant together
-            rows.append(run_variant(name, cfg, dev, itertools.repeat(batch), steps, warmup, dist=dist))
+            rows.append(run_variant(name, cfg, dev, itertools.repeat(batch), steps, warmup, dist=dist,
+                                    profile=2 * profile))
         per_rank: list[Any] = [None] * info.world_size
         torch_dist.all_gather_object(per_rank, [r["step_ms"] for r in rows])
     finally:
@@ -67,7 +69,10 @@ def bench_step_ddp(device: str, batch_size: int | None, steps: int | None, confi
 def main(args: argparse.Namespace) -> int:
     if args.loader != "synthetic" or args.data:
         raise UsageError("under torchrun, bench step times the synthetic step only (drop --loader and --data)")
-    report = bench_step_ddp(args.device, args.batch_size, args.steps, args.config, args.compile)
+    if args.fp16 or args.priority_stream:
+        raise UsageError("under torchrun, bench step times the preset's precision on the default stream "
+                         "(drop --fp16 and --priority-stream)")
+    report = bench_step_ddp(args.device, args.batch_size, args.steps, args.config, args.compile, args.profile)
     if report is None:
         return 0
     print(f"MVEB step on {report['world_size']} ranks ({report['backend']}, {report['arch']}), ms per step by phase:")

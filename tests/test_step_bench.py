@@ -107,7 +107,7 @@ def test_step_bench_under_torchrun_reports_exposed_communication(tmp_path: Path)
         port = s.getsockname()[1]
     out = tmp_path / "ddp.json"
     cmd = [sys.executable, "-m", "mveb", "bench", "step", "--device", "cpu", "--batch-size", "4", "--steps", "2",
-           "--json", str(out)]
+           "--profile", "--json", str(out)]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
@@ -122,6 +122,8 @@ def test_step_bench_under_torchrun_reports_exposed_communication(tmp_path: Path)
     alone, ddp = zip(*report["step_ms_per_rank"])
     assert report["exposed_comm_ms"] == pytest.approx(sum(d - a for a, d in zip(alone, ddp)) / 2)
     assert report["allreduce_mib_per_step"] > 1  # a ResNet-18 and its projector in fp32
+    assert all(r["device"]["kinds"]["convolution"] > 0 for r in report["results"])
+    assert "Device work by kind" in outs[0][0]
 
 
 def test_step_bench_fp16_on_a_cpu_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -152,3 +154,14 @@ def test_step_bench_keeps_each_variant_in_its_json_as_it_ends(tmp_path: Path, mo
     assert first["samples_per_s"] > 0 and "ratio_to_mveb_synthetic" not in first  # its baseline had not run
     assert "| official-style | 4 |" in format_table(written[0])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+
+
+def test_step_bench_under_torchrun_refuses_what_it_does_not_time(monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from mveb.cli import main
+
+    monkeypatch.setenv("RANK", "0")  # as torchrun sets them; the check comes before any rendezvous
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["bench", "step", "--device", "cpu", "--priority-stream"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--priority-stream" in err
