@@ -96,6 +96,7 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, choices=["imagenet_rn50", "demo"],
                    help="model preset (default: imagenet_rn50 on GPUs, demo on CPUs)")
     p.add_argument("--compile", action="store_true", help="time the compiled step")
+    p.add_argument("--profile", action="store_true", help="also rank 0's device time by kind (NCCL: communication)")
     p.add_argument("--out", required=True, help="folder for bench.json and the job's logs, on a shared filesystem")
     _add_cluster_args(p, cpus_per_task=10, time="30")
     return p
@@ -254,7 +255,7 @@ def launch_bench(a: argparse.Namespace) -> int:
         return 0
     _check_submit(a, res)
     job = _submit(a, res, out / "submitit", bench_job, str(out / "bench.json"), batch_size=a.batch_size,
-                  steps=a.steps, config=a.config, compile=a.compile)
+                  steps=a.steps, config=a.config, compile=a.compile, profile=a.profile)
     return _wait_local(job) if a.local else 0
 
 

@@ -52,7 +52,7 @@ def jobs(tmp_path_factory: pytest.TempPathFactory, photo_train: Path) -> Iterato
     out["shards"] = (folder, next(folder.glob("*_submitted.pkl")).name.split("_")[0])
     bench = root / "bench"
     assert main(["bench", "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10",
-                 "--batch-size", "4", "--steps", "2", "--out", str(bench)]) == 0
+                 "--batch-size", "4", "--steps", "2", "--profile", "--out", str(bench)]) == 0
     out["bench"] = (bench / "submitit", next((bench / "submitit").glob("*_submitted.pkl")).name.split("_")[0])
     yield out
     subprocess.run(["scancel", *(job_id for _, job_id in out.values())], capture_output=True)
@@ -159,6 +159,7 @@ def test_bench_job_reports_what_ddp_costs_over_two_nodes(jobs: dict[str, tuple[P
     rank0, rank1 = _results(folder, job_id, tasks=2)
     assert rank1 is None and rank0["world_size"] == 2 and rank0["backend"] == "gloo"
     assert [r["variant"] for r in rank0["results"]] == ["mveb, one process", "mveb, DDP x 2"]
+    assert all(r["device"]["kinds"]["convolution"] > 0 for r in rank0["results"])
     assert json.loads((folder.parent / "bench.json").read_text()) == rank0
 
 
