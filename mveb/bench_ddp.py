@@ -30,7 +30,7 @@ from train.step import amp_dtype
 
 
 def bench_step_ddp(device: str, batch_size: int | None, steps: int | None, config: str | None,
-                   compile: bool, profile: bool = False) -> dict[str, Any] | None:
+                   compile: bool, profile: bool = False, overrides: tuple[str, ...] = ()) -> dict[str, Any] | None:
     """The report on rank 0, None on the other ranks. profile: each row also says what rank 0's
     device did in 2 more steps (under DDP on a GPU, NCCL's kernels are the "communication" kind)."""
     info = init_distributed()
@@ -39,7 +39,7 @@ def bench_step_ddp(device: str, batch_size: int | None, steps: int | None, confi
         if device not in ("auto", dev.type):
             raise UsageError(f"--device {device}: under torchrun each rank uses {dev} (set by its LOCAL_RANK)")
         on_gpu = dev.type == "cuda"
-        cfg = get_config(config or ("imagenet_rn50" if on_gpu else "demo"), ["run.progress=false"])
+        cfg = get_config(config or ("imagenet_rn50" if on_gpu else "demo"), ["run.progress=false", *overrides])
         cfg.data.batch_size = batch_size or (256 if on_gpu else 8)  # as without torchrun
         if compile:
             cfg = replace(cfg, precision=replace(cfg.precision, compile=True))
@@ -72,7 +72,8 @@ def main(args: argparse.Namespace) -> int:
     if args.fp16 or args.priority_stream:
         raise UsageError("under torchrun, bench step times the preset's precision on the default stream "
                          "(drop --fp16 and --priority-stream)")
-    report = bench_step_ddp(args.device, args.batch_size, args.steps, args.config, args.compile, args.profile)
+    report = bench_step_ddp(args.device, args.batch_size, args.steps, args.config, args.compile, args.profile,
+                            tuple(args.set))
     if report is None:
         return 0
     print(f"MVEB step on {report['world_size']} ranks ({report['backend']}, {report['arch']}), ms per step by phase:")

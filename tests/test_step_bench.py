@@ -165,3 +165,19 @@ def test_step_bench_under_torchrun_refuses_what_it_does_not_time(monkeypatch: py
     assert main(["bench", "step", "--device", "cpu", "--priority-stream"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--priority-stream" in err
+
+
+def test_step_bench_applies_config_overrides_to_every_variant(capsys: pytest.CaptureFixture[str]) -> None:
+    """--set KEY=VALUE reaches every variant's trainer (a 64-wide projector here), is kept in the
+    report, and a bad key is a one-line error."""
+    from mveb.cli import main
+
+    report = bench_step("cpu", batch_size=4, steps=2, overrides=("model.proj_dim=64", "model.proj_hidden=128"))
+    assert report["overrides"] == ["model.proj_dim=64", "model.proj_hidden=128"]
+    projector = (128 * 512 + 128 * 128 + 64 * 128 + 64 + 4 * 128) * 4 / 2**20  # linears + BN, fp32 MiB
+    backbone = 11176512 * 4 / 2**20  # torchvision resnet18 without its classifier
+    assert all(r["grad_mib"] == pytest.approx(backbone + projector) for r in report["results"])
+    capsys.readouterr()
+    assert main(["bench", "step", "--device", "cpu", "--set", "model.no_such_key=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no_such_key" in err
