@@ -134,7 +134,8 @@ def _loader_batches(backend: str, data: str, cfg: Config, device: torch.device, 
     from pipeline.loaders import build_loader
 
     loader = build_loader(backend, data, cfg.data.recipe(), cfg.data.batch_size, device=device, dtype=dtype,
-                          seed=0, rank=0, world_size=1, workers=cfg.data.workers)
+                          seed=0, rank=0, world_size=1, workers=cfg.data.workers,
+                          dali_tuning=cfg.data.dali_tuning if backend == "dali" else "")
     for epoch in itertools.count():
         loader.set_epoch(epoch)
         yield from loader

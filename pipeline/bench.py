@@ -72,7 +72,7 @@ def _prepare_data(backend: str, data: str, workers: int | None) -> str:
 
 def bench_backend(backend: str, data: str, recipe: MultiCropRecipe, batch_size: int, workers: int | None,
                   seconds: float, device: torch.device, warmup_s: float,
-                  dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+                  dtype: torch.dtype = torch.float32, dali_tuning: str = "") -> dict[str, Any]:
     row: dict[str, Any] = {"backend": backend}
     try:
         loader_class(backend)
@@ -84,7 +84,8 @@ def bench_backend(backend: str, data: str, recipe: MultiCropRecipe, batch_size: 
         row["setup_s"] = round(time.perf_counter() - t, 3)
 
         t = time.perf_counter()
-        loader = build_loader(backend, source, recipe, batch_size, device=device, dtype=dtype, seed=0, workers=workers)
+        loader = build_loader(backend, source, recipe, batch_size, device=device, dtype=dtype, seed=0, workers=workers,
+                              dali_tuning=dali_tuning if backend == "dali" else "")
         batches = iter(loader)
         next(batches)
         synchronize(device)
@@ -123,8 +124,10 @@ def bench_backend(backend: str, data: str, recipe: MultiCropRecipe, batch_size: 
 
 def bench_loaders(data: str | Path, backends: list[str], batch_size: int = 64, workers: int | None = None,
                   seconds: float = 20.0, device: str = "cpu", recipe: MultiCropRecipe = DEFAULT_RECIPE,
-                  warmup_s: float | None = None, dtype: str = "fp32") -> dict[str, Any]:
-    """{"results": [{"backend", "images_per_s", "compile_s", ...}], ...} for `backends` on `data`."""
+                  warmup_s: float | None = None, dtype: str = "fp32", dali_tuning: str = "") -> dict[str, Any]:
+    """{"results": [{"backend", "images_per_s", "compile_s", ...}], ...} for `backends` on `data`.
+    dali_tuning: "key=value,..." for the dali backend (pipeline.dali_graph.DALITuning), so a sweep
+    over its settings is a loop over this command."""
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
         raise UsageError(f"unknown backend(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(BACKENDS)}")
@@ -137,10 +140,20 @@ def bench_loaders(data: str | Path, backends: list[str], batch_size: int = 64, w
     check_data("torch" if not data.endswith(".beton") else "ffcv", data)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype!r}; use {', '.join(DTYPES)}")
+    if dali_tuning and "dali" not in backends:
+        raise UsageError(f"--dali-tuning {dali_tuning!r} without the dali backend in --backends")
+    if dali_tuning:  # a bad setting is the user's one-line error, not a failed row
+        try:
+            from .dali_graph import DALITuning
+        except ImportError:
+            pass  # the dali row will say it is not installed
+        else:
+            DALITuning.from_text(dali_tuning)
     warmup_s = min(5.0, seconds / 4) if warmup_s is None else warmup_s
-    results = [bench_backend(b, data, recipe, batch_size, workers, seconds, dev, warmup_s, DTYPES[dtype])
+    results = [bench_backend(b, data, recipe, batch_size, workers, seconds, dev, warmup_s, DTYPES[dtype], dali_tuning)
                for b in backends]
     return {"results": results, "data": data, "device": str(dev), "dtype": dtype, "batch_size": batch_size,
+            "dali_tuning": dali_tuning,
             "workers": workers or usable_cpus(), "cpu_count": os.cpu_count(), "seconds": seconds,
             "views": f"{recipe.n_global}x{recipe.global_size}+{recipe.n_local}x{recipe.local_size}",
             "recipe": recipe.to_dict()}
@@ -162,9 +175,9 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def bench_loader_command(data: str, backends: str, batch_size: int, workers: int | None, seconds: float,
-                         device: str, json_path: str | None, dtype: str = "fp32") -> int:
+                         device: str, json_path: str | None, dtype: str = "fp32", dali_tuning: str = "") -> int:
     report = bench_loaders(data, [b.strip() for b in backends.split(",") if b.strip()], batch_size, workers,
-                           seconds, device, dtype=dtype)
+                           seconds, device, dtype=dtype, dali_tuning=dali_tuning)
     print(format_table(report))
     if json_path:
         write_atomic(json_path, json.dumps(report, indent=1) + "\n")

@@ -49,6 +49,9 @@ def add_bench_loader_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=20.0, help="timed seconds per backend after warm-up")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="fp32", help="output dtype: fp32, or bf16/fp16 as the training step reads them")
+    p.add_argument("--dali-tuning", default="", metavar="KEY=VALUE,...",
+                   help="how the dali backend runs, e.g. hw_decoder_load=0.95,prefetch=2 (pipeline/dali_graph.py "
+                        "DALITuning); train with the best as data.dali_tuning")
     p.add_argument("--json", default=None, help="write results as JSON here")
     p.set_defaults(func=_bench_loader)
 
@@ -56,4 +59,5 @@ def add_bench_loader_args(p: argparse.ArgumentParser) -> None:
 def _bench_loader(a: argparse.Namespace) -> int:
     from .bench import bench_loader_command
 
-    return bench_loader_command(a.data, a.backends, a.batch_size, a.workers, a.seconds, a.device, a.json, a.dtype)
+    return bench_loader_command(a.data, a.backends, a.batch_size, a.workers, a.seconds, a.device, a.json, a.dtype,
+                                a.dali_tuning)

@@ -36,13 +36,16 @@ sigma) approximates one with box filters.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.data_node import DataNode
 from nvidia.dali.pipeline import OperatorConcurrency, Pipeline, StreamPolicy
+
+from mveb.errors import UsageError
 
 from .recipe import MultiCropRecipe, ViewSpec
 
@@ -97,6 +100,34 @@ class DALITuning:
             raise ValueError(f"concurrency must be one of {', '.join(_CONCURRENCY)}, got {self.concurrency!r}")
         if self.blur not in ("always", "conditional"):
             raise ValueError(f"blur must be 'always' or 'conditional', got {self.blur!r}")
+
+    @classmethod
+    def from_text(cls, text: str) -> "DALITuning":
+        """The tuning a config or command line gives as "key=value,..." over the fields above,
+        e.g. "hw_decoder_load=0.95,prefetch=2" (a sweep's result); "" keeps every default."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        chosen: dict[str, Any] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, sep, value = (x.strip() for x in item.partition("="))
+            if not sep or key not in defaults:
+                raise UsageError(f"DALI tuning {item!r}: use key=value with a key among {', '.join(defaults)}")
+            kind = type(defaults[key])
+            try:
+                chosen[key] = _read(value, kind)
+            except ValueError:
+                raise UsageError(f"DALI tuning {key}={value!r}: expected {kind.__name__}") from None
+        try:
+            return cls(**chosen)
+        except ValueError as e:
+            raise UsageError(f"DALI tuning: {e}") from None
+
+
+def _read(value: str, kind: type) -> Any:
+    if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(value)
+        return value.lower() in ("true", "1")
+    return kind(value)
 
 
 def _shape(frames: int) -> dict:

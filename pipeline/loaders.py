@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -34,6 +34,19 @@ def loader_class(backend: str) -> type:
         raise UsageError(f"the {backend} loader is not available here ({e}); install it with {install}") from None
 
 
+def dali_tuning_for(backend: str, text: str) -> Any:
+    """The DALITuning that "key=value,..." gives for the dali backend (None for another backend,
+    where any text is a mistake)."""
+    if backend != "dali":
+        if text:
+            raise UsageError(f"DALI tuning {text!r} given for the {backend} loader; it applies to dali only")
+        return None
+    loader_class(backend)  # DALI installed, or a one-line error saying how to install it
+    from .dali_graph import DALITuning
+
+    return DALITuning.from_text(text)
+
+
 def check_data(backend: str, data: str | Path | Sequence[Sample]) -> None:
     """Clear errors for what every backend would otherwise fail on later and less clearly."""
     if not isinstance(data, (str, Path)):
@@ -54,10 +67,13 @@ def check_data(backend: str, data: str | Path | Sequence[Sample]) -> None:
 
 def build_loader(backend: str, data: str | Path | Sequence[Sample], recipe: MultiCropRecipe, batch_size: int, *,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, workers: int | None = None) -> MultiCropLoader:
+                 rank: int = 0, world_size: int = 1, workers: int | None = None,
+                 dali_tuning: str = "") -> MultiCropLoader:
     """A `MultiCropLoader` of `backend` ("torch", "ffcv" or "dali") over an ImageFolder root,
-    a (path, label) list, or (ffcv only) a .beton shard."""
+    a (path, label) list, or (ffcv only) a .beton shard. dali_tuning: "key=value,..." over
+    pipeline.dali_graph.DALITuning (how DALI runs, never what it computes)."""
     cls = loader_class(backend)
+    tuning = dali_tuning_for(backend, dali_tuning)
     check_data(backend, data)
     return cls(data, recipe, batch_size, device=device, dtype=dtype, seed=seed, rank=rank,
-               world_size=world_size, workers=workers)
+               world_size=world_size, workers=workers, **({"tuning": tuning} if tuning else {}))

@@ -165,6 +165,30 @@ def test_tuning_changes_speed_not_outputs(indexed: list[tuple[str, int]], device
         DALITuning(concurrency="some")
 
 
+def test_tuning_from_a_config_reaches_the_loader(indexed: list[tuple[str, int]], capsys: pytest.CaptureFixture[str]) -> None:
+    """data.dali_tuning / --dali-tuning: "key=value,..." over DALITuning, typed by its fields;
+    every mistake is a one-line error naming the fields."""
+    from mveb.cli import main
+    from pipeline.loaders import build_loader
+
+    loader = build_loader("dali", indexed, RECIPE, 8, dali_tuning=" prefetch=2, blur=conditional,stack_locals=false ")
+    assert loader.tuning == DALITuning(prefetch=2, blur="conditional", stack_locals=False)
+    assert len(next(iter(loader)).labels) == 8
+    assert build_loader("dali", indexed, RECIPE, 8).tuning == DALITuning()
+    for text, message in [("prefetch", "use key=value"), ("speed=3", "hw_decoder_load, prefetch"),
+                          ("prefetch=two", "expected int"), ("hw_decoder_load=2", "within [0, 1]"),
+                          ("stack_locals=maybe", "expected bool")]:
+        with pytest.raises(UsageError, match=message.replace("[", r"\[")):
+            DALITuning.from_text(text)
+    with pytest.raises(UsageError, match="dali only"):
+        build_loader("torch", indexed, RECIPE, 8, dali_tuning="prefetch=2")
+    capsys.readouterr()
+    assert main(["bench", "loader", "--data", str(Path(indexed[0][0]).parents[1]), "--backends", "dali",
+                 "--dali-tuning", "prefetch=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "prefetch must be at least 1" in err
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_output(indexed: list[tuple[str, int]], dtype: torch.dtype) -> None:
     half = next(iter(DALIMultiCropLoader(indexed, TINY, 4, dtype=dtype)))

@@ -140,6 +140,8 @@ def test_cli_steps_2_then_3_continues(uninterrupted: Path, tiny_train: Path, tmp
     (["loss.entropy_batch=world"], "use local (per GPU) or global (all GPUs)"),
     (["model.sync_bn_group=rack"], "use world (all GPUs) or node (one host's)"),
     (["loss.entropy_batch=global", "loss.impl=reference"], "needs loss.impl auto, torch or triton"),
+    (["data.dali_tuning=prefetch=2"], "given for the torch loader; it applies to dali only"),
+    (["data.loader=dali", "data.dali_tuning=prefetch=0"], "prefetch must be at least 1"),
 ])
 def test_bad_config_is_one_line(argv: list[str], message: str, tiny_train: Path, tmp_path: Path,
                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

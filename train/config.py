@@ -23,6 +23,9 @@ class DataConfig:
     batch_size: int = 128  # per process (per GPU)
     global_batch_size: int | None = None  # when set, split evenly over the processes (overrides batch_size)
     workers: int = 8
+    # How the dali loader runs, as "key=value,..." over pipeline.dali_graph.DALITuning (its
+    # defaults were tuned on an H200), e.g. "hw_decoder_load=0.95,prefetch=2"; "" = defaults.
+    dali_tuning: str = ""
     seed: int = 0  # augmentation and order; each rank adds its rank
     # View counts and sizes; None keeps pipeline.recipe's default (2 x 224 + 6 x 96).
     n_global: int | None = None
@@ -160,10 +163,12 @@ def check_config(cfg: Config, world_size: int) -> None:
         raise UsageError(f"training data {d.path} does not exist; pass an ImageFolder root or a .beton shard")
     if d.recipe().n_global < 2:
         raise UsageError("MVEB needs at least 2 global views (the momentum targets); set data.n_global=2")
-    from pipeline.loaders import BACKENDS  # imports torch: only when a run is about to start
+    from pipeline.loaders import BACKENDS, dali_tuning_for  # imports torch: only when a run is about to start
 
     if d.loader not in BACKENDS:
         raise UsageError(f"data.loader={d.loader!r}; use one of {', '.join(BACKENDS)}")
+    if d.dali_tuning:
+        dali_tuning_for(d.loader, d.dali_tuning)
     if d.global_batch_size is not None:
         if d.global_batch_size % world_size:
             raise UsageError(f"global batch {d.global_batch_size} is not divisible by the world size {world_size}; "

@@ -59,7 +59,8 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
     torch.manual_seed(cfg.data.seed)  # identical initial weights on every rank
     loader = build_loader(cfg.data.loader, cfg.data.path, cfg.data.recipe(), cfg.data.batch_size,
                           device=dist.device, dtype=amp_dtype(cfg.precision.amp, dist.device) or torch.float32,
-                          seed=cfg.data.seed, rank=dist.rank, world_size=dist.world_size, workers=cfg.data.workers)
+                          seed=cfg.data.seed, rank=dist.rank, world_size=dist.world_size, workers=cfg.data.workers,
+                          dali_tuning=cfg.data.dali_tuning)
     steps_per_epoch = len(loader)
     trainer = Trainer(cfg, dist, steps_per_epoch)
     torch.manual_seed(cfg.data.seed + dist.rank)
