@@ -126,7 +126,10 @@ def _run_variant(name: str, cfg: Config, device: torch.device, batches: Iterator
     if profile:
         timer.enabled = False  # its events would be profiled work of their own
         extra = itertools.count(100 + warmup + steps)
-        row["device"] = profile_steps(lambda: trainer.step(next(batches), next(extra)), device, profile)
+        try:
+            row["device"] = profile_steps(lambda: trainer.step(next(batches), next(extra)), device, profile)
+        except RuntimeError as e:  # a host whose profiler cannot start (CUPTI) keeps the timed row
+            row["device_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
     return row
 
 
@@ -251,6 +254,7 @@ def format_table(report: dict[str, Any]) -> str:
         row += [f"{ph[p]:.1f}" for p in PHASES[1:]] + [f"{r['unaccounted_ms']:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
     profiled = [(r["variant"], r["device"]) for r in report["results"] if "device" in r]
+    lines += [f"{r['variant']}: not profiled ({r['device_error']})" for r in report["results"] if "device_error" in r]
     if profiled:
         lines += ["", f"Device work by kind, ms per step ({'kernels' if report['device'].startswith('cuda') else 'aten ops'}"
                   ", 2 profiled steps):", "", format_kinds(profiled)]

@@ -89,3 +89,18 @@ def test_bf16_cuda_step_has_no_hidden_format_conversion() -> None:
         assert "layout" not in work["kinds"], (row["variant"], layout)
         assert {"convolution", "batchnorm", "foreach (optimizer, EMA)", "loss"} <= set(work["kinds"]), row["variant"]
         assert 0 < work["busy_ms"] <= work["wall_ms"]
+
+
+def test_a_profiler_that_cannot_start_keeps_the_timed_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host whose profiler refuses to start (CUPTI can be off limits on a shared cluster; here
+    the refusal is simulated) still gets its step timings, with the reason the table is missing."""
+    import torch
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("CUPTI_ERROR_INSUFFICIENT_PRIVILEGES")
+
+    monkeypatch.setattr(torch.profiler, "profile", refuse)
+    report = bench_step("cpu", batch_size=4, steps=2, official=False, profile=True)
+    row = report["results"][0]
+    assert row["samples_per_s"] > 0 and "device" not in row and "INSUFFICIENT_PRIVILEGES" in row["device_error"]
+    assert "not profiled" in format_table(report)
