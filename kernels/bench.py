@@ -57,6 +57,7 @@ class Result:
     gpu_ms: float | None = None
     top_kernels: list[tuple[str, float]] | None = None
     skipped: str | None = None
+    profile_error: str | None = None  # timed, but the profiler could not run (CUPTI refused)
 
 
 def run_bench_kernels(args: argparse.Namespace) -> int:
@@ -94,7 +95,10 @@ def bench_one(impl: str, b: int, d: int, views: int, dtype: torch.dtype, device:
         step()
         peak = _peak_mib(step, device)
         times = _time(step, device, seconds)
-        profiled = _profile(step, device)
+        try:
+            profiled = _profile(step, device)
+        except RuntimeError as e:  # a shared host may refuse CUPTI: keep the timing
+            profiled = {"profile_error": str(e).splitlines()[0][:200]}
     except torch.OutOfMemoryError:
         return Result(impl, b, skipped="out of memory")
     finally:
@@ -205,7 +209,8 @@ def format_table(results: list[Result], device: torch.device, args: argparse.Nam
         peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "n/a"
         gpu = "-" if r.gpu_ms is None else f"{r.gpu_ms:.3f}"
         calls = " | ".join("-" if c is None else str(c) for c in (gpu, r.launches, r.syncs))
-        lines.append(f"| {r.batch} | {r.impl} | {r.ms:.3f} | {r.ms_min:.3f} | {peak} | {speed} | {calls} | {r.steps} steps |")
+        note = f"{r.steps} steps" + (f"; not profiled: {r.profile_error}" if r.profile_error else "")
+        lines.append(f"| {r.batch} | {r.impl} | {r.ms:.3f} | {r.ms_min:.3f} | {peak} | {speed} | {calls} | {note} |")
     lines.append("GPU busy ms: kernel, copy and fill time of one profiled step; launches / syncs: host calls per "
                  "step that start device work (kernels, graph replays, copies, fills) / that wait for the device "
                  "(CUDA only; the JSON lists each case's longest kernels).")
