@@ -104,3 +104,28 @@ def test_a_profiler_that_cannot_start_keeps_the_timed_rows(monkeypatch: pytest.M
     row = report["results"][0]
     assert row["samples_per_s"] > 0 and "device" not in row and "INSUFFICIENT_PRIVILEGES" in row["device_error"]
     assert "not profiled" in format_table(report)
+
+
+def test_cuda_work_is_counted_per_kind_and_busy_time_once_over_streams() -> None:
+    """The CUDA branch on the profiler's own event type: a conv on one stream overlapping a DALI
+    kernel on another counts in both kinds, but the busy time counts the overlap once; host
+    events are not device work."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    from mveb.device_profile import work_by_kind
+
+    def kernel(name: str, start: float, end: float, device_type: DeviceType = DeviceType.CUDA) -> FunctionEvent:
+        return FunctionEvent(id=0, name=name, thread=0, start_us=start, end_us=end, device_type=device_type)
+
+    events = [kernel("sm90_xmma_fprop_implicit_gemm_bf16", 0, 600),
+              kernel("void dali::kernels::ResampleKernel<float>(...)", 400, 1000),
+              kernel("void at::native::batch_norm_collect_statistics_channels_last_kernel<c10::BFloat16>", 1000, 1200),
+              kernel("sm90_xmma_dgrad_implicit_gemm_bf16", 1500, 2200),
+              kernel("cudaLaunchKernel", 0, 2200, DeviceType.CPU)]
+    work = work_by_kind(events, torch.device("cuda"), wall_ms=5.0, steps=2)
+    assert work["kinds"] == pytest.approx({"convolution": 0.65, "loader": 0.3, "batchnorm": 0.1})
+    assert work["busy_ms"] == pytest.approx(0.95)  # (1,200 + 700) us of union over 2 steps
+    assert work["wall_ms"] == 2.5 and work["calls"] == {"convolution": 1, "loader": 0, "batchnorm": 0}
+    assert work["top"][0] == {"name": "sm90_xmma_dgrad_implicit_gemm_bf16", "kind": "convolution", "ms": 0.35}
