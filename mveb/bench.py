@@ -44,6 +44,9 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
                    help="also time the step under fp16 autocast and a GradScaler (CUDA; the preset's is bf16)")
     p.add_argument("--profile", action="store_true",
                    help="profile 2 more steps per variant: device time by kind of work (convolution, batchnorm, ...)")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="with --profile: each variant's profiled steps as a Chrome trace in DIR (host and device "
+                        "timeline; implies --profile)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every variant, e.g. --set data.workers=16 (repeatable)")
     p.add_argument("--json", default=None, help="write results as JSON here")

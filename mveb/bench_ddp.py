@@ -69,9 +69,9 @@ def bench_step_ddp(device: str, batch_size: int | None, steps: int | None, confi
 def main(args: argparse.Namespace) -> int:
     if args.loader != "synthetic" or args.data:
         raise UsageError("under torchrun, bench step times the synthetic step only (drop --loader and --data)")
-    if args.fp16 or args.priority_stream:
-        raise UsageError("under torchrun, bench step times the preset's precision on the default stream "
-                         "(drop --fp16 and --priority-stream)")
+    if args.fp16 or args.priority_stream or args.trace:
+        raise UsageError("under torchrun, bench step times the preset's precision on the default stream, "
+                         "without timelines (drop --fp16, --priority-stream and --trace)")
     report = bench_step_ddp(args.device, args.batch_size, args.steps, args.config, args.compile, args.profile,
                             tuple(args.set))
     if report is None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -80,17 +81,19 @@ def synthetic_batch(cfg: Config, device: torch.device, dtype: torch.dtype) -> Mu
 
 def run_variant(name: str, cfg: Config, device: torch.device, batches: Iterator[MultiCropBatch],
                 steps: int, warmup: int, per_parameter_lars: bool = False,
-                dist: DistInfo | None = None, profile: int = 0) -> dict[str, Any]:
+                dist: DistInfo | None = None, profile: int = 0, trace_dir: str | Path | None = None) -> dict[str, Any]:
     """Time `steps` training steps after `warmup` ones; phases from the trainer's PhaseTimer.
     dist: the process group's view for a DDP step (default: one process, no communication).
-    profile: that many more steps under the profiler, their device work by kind in "device"."""
+    profile: that many more steps under the profiler, their device work by kind in "device";
+    trace_dir: their timeline there too, one Chrome trace per variant (its path in "trace")."""
     dist = dist or DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_distributed=False)
     with step_stream(device, cfg.precision.priority_stream):
-        return _run_variant(name, cfg, device, batches, steps, warmup, per_parameter_lars, dist, profile)
+        return _run_variant(name, cfg, device, batches, steps, warmup, per_parameter_lars, dist, profile, trace_dir)
 
 
-def _run_variant(name: str, cfg: Config, device: torch.device, batches: Iterator[MultiCropBatch],
-                 steps: int, warmup: int, per_parameter_lars: bool, dist: DistInfo, profile: int) -> dict[str, Any]:
+def _run_variant(name: str, cfg: Config, device: torch.device, batches: Iterator[MultiCropBatch], steps: int,
+                 warmup: int, per_parameter_lars: bool, dist: DistInfo, profile: int,
+                 trace_dir: str | Path | None) -> dict[str, Any]:
     torch.manual_seed(0)
     timer = PhaseTimer(device, enabled=True)
     trainer = Trainer(cfg, dist, steps_per_epoch=1000, timer=timer)
@@ -126,8 +129,13 @@ def _run_variant(name: str, cfg: Config, device: torch.device, batches: Iterator
     if profile:
         timer.enabled = False  # its events would be profiled work of their own
         extra = itertools.count(100 + warmup + steps)
+        trace = None
+        if trace_dir:
+            trace = Path(trace_dir) / f"{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}-b{B}.json"
+            trace.parent.mkdir(parents=True, exist_ok=True)
+            row["trace"] = str(trace)
         try:
-            row["device"] = profile_steps(lambda: trainer.step(next(batches), next(extra)), device, profile)
+            row["device"] = profile_steps(lambda: trainer.step(next(batches), next(extra)), device, profile, trace)
         except RuntimeError as e:  # a host whose profiler cannot start (CUPTI) keeps the timed row
             row["device_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
     return row
@@ -148,10 +156,12 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
                data: str | None = None, compile: bool = False, steps: int | None = None,
                official: bool = True, config: str | None = None, priority_stream: bool = False,
                profile: bool = False, fp16: bool = False, json_path: str | Path | None = None,
-               overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+               overrides: tuple[str, ...] = (), trace_dir: str | Path | None = None) -> dict[str, Any]:
     """Every variant in one process; the report (see format_table). json_path: the report so far
     is written there after every variant, so a run cut short keeps what it measured. overrides:
-    config KEY=VALUE items applied to the preset of every variant (e.g. data.workers=16)."""
+    config KEY=VALUE items applied to the preset of every variant (e.g. data.workers=16). trace_dir:
+    each profiled variant's timeline there (implies profile)."""
+    profile = profile or trace_dir is not None
     dev = resolve_device(device)
     on_gpu = dev.type == "cuda"
     cfg = get_config(config or ("imagenet_rn50" if on_gpu else "demo"), ["run.progress=false", *overrides])
@@ -195,7 +205,8 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
         row, and the variants after it still run (fallback=False: the failure propagates)."""
         bar.set_postfix_str(variant)
         try:
-            results.append(run_variant(variant, vcfg, dev, batches, steps, warmup, profile=2 * profile, **kw))
+            results.append(run_variant(variant, vcfg, dev, batches, steps, warmup, profile=2 * profile,
+                                       trace_dir=trace_dir, **kw))
             ok = True
         except Exception as e:  # noqa: BLE001 - the other variants are still worth measuring
             if not fallback:
@@ -271,7 +282,7 @@ def main(args: argparse.Namespace) -> int:
     report = bench_step(args.device, args.batch_size, tuple(args.loader.split(",")), args.data, args.compile,
                         args.steps, official=not args.no_official, config=args.config,
                         priority_stream=args.priority_stream, profile=args.profile, fp16=args.fp16,
-                        json_path=args.json, overrides=tuple(args.set))
+                        json_path=args.json, overrides=tuple(args.set), trace_dir=args.trace)
     print(f"MVEB step on {report['device_name']} ({report['arch']}), phases in ms per step:")
     print(format_table(report))
     return 0

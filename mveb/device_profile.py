@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -66,10 +67,15 @@ def kind_of(name: str) -> str:
     return OTHER
 
 
-def profile_steps(step: Callable[[], None], device: torch.device, steps: int = 1) -> dict[str, Any]:
-    """Run `step` `steps` times under the profiler; work_by_kind of what the device did."""
-    # On CUDA only the device's activity: host ops would multiply the events to process.
-    acts = [torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU]
+def profile_steps(step: Callable[[], None], device: torch.device, steps: int = 1,
+                  trace: str | Path | None = None) -> dict[str, Any]:
+    """Run `step` `steps` times under the profiler; work_by_kind of what the device did.
+    trace: also write those steps' timeline there (Chrome trace format, for Perfetto or
+    chrome://tracing), host ops included, to see where the device waits for the host."""
+    cpu, cuda = torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA
+    # On CUDA only the device's activity unless a timeline is asked for: host ops would
+    # multiply the events to process.
+    acts = [cpu] if device.type != "cuda" else [cuda, cpu] if trace else [cuda]
     synchronize(device)
     with torch.profiler.profile(activities=acts) as prof:
         t0 = time.perf_counter()
@@ -77,6 +83,8 @@ def profile_steps(step: Callable[[], None], device: torch.device, steps: int = 1
             step()
         synchronize(device)
         wall_ms = 1e3 * (time.perf_counter() - t0)
+    if trace:
+        prof.export_chrome_trace(str(trace))
     return work_by_kind(prof.events(), device, wall_ms, steps)
 
 

@@ -129,3 +129,17 @@ def test_cuda_work_is_counted_per_kind_and_busy_time_once_over_streams() -> None
     assert work["busy_ms"] == pytest.approx(0.95)  # (1,200 + 700) us of union over 2 steps
     assert work["wall_ms"] == 2.5 and work["calls"] == {"convolution": 1, "loader": 0, "batchnorm": 0}
     assert work["top"][0] == {"name": "sm90_xmma_dgrad_implicit_gemm_bf16", "kind": "convolution", "ms": 0.35}
+
+
+def test_trace_writes_each_profiled_variants_timeline(tmp_path: Path) -> None:
+    """--trace DIR: one Chrome trace per variant of its profiled steps, named after it, holding
+    the step's ops; it implies --profile."""
+    import json
+
+    report = bench_step("cpu", batch_size=4, steps=2, trace_dir=tmp_path / "traces")
+    for row in report["results"]:
+        trace = Path(row["trace"])
+        assert trace.parent == tmp_path / "traces" and "device" in row
+        names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+        assert {"aten::convolution_backward", "aten::native_batch_norm"} <= names
+    assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["mveb-b4.json", "official-style-b4.json"]
