@@ -31,7 +31,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from mveb.errors import UsageError
-from mveb.files import written_atomically
+from mveb.files import write_atomic
 
 from .batch import MultiCropBatch, check_loader_args
 from .dali_graph import OUTPUT_DTYPES, DALITuning, build_pipeline, stacks_locals
@@ -46,8 +46,7 @@ DataSource = str | Path | Sequence[Sample]
 def write_file_list(samples: Sequence[Sample], path: str | Path) -> None:
     """DALI's file_list format with absolute paths: "path label" per line (DALI takes the
     last field as the label, so paths may hold spaces)."""
-    with written_atomically(path) as tmp:
-        tmp.write_text("".join(f"{os.path.abspath(p)} {y}\n" for p, y in samples))
+    write_atomic(path, "".join(f"{os.path.abspath(p)} {y}\n" for p, y in samples))
 
 
 def _from_report(root: str | Path, samples: list[Sample]) -> tuple[list[Sample], list[tuple[str, str]]] | None:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mveb.files import written_atomically
+from mveb.files import write_atomic
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -25,8 +25,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
             continue
         if record.get("step", 0) <= last_step:
             kept.append(line)
-    with written_atomically(path) as tmp:
-        tmp.write_text("".join(line + "\n" for line in kept))
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsLog:

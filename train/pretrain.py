@@ -20,7 +20,7 @@ import torch.distributed as torch_dist
 from tqdm import tqdm
 
 from mveb.devices import step_stream
-from mveb.files import written_atomically
+from mveb.files import write_atomic
 from pipeline.images import usable_cpus
 from pipeline.loaders import build_loader
 
@@ -49,8 +49,7 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
     run_dir = Path(cfg.run.out)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        with written_atomically(run_dir / "config.json") as tmp:
-            tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     if dist.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # The loader's worker processes need cores too: on 2 cores, 2 OpenMP threads racing
