@@ -26,7 +26,7 @@ from mveb.errors import UsageError
 from mveb.files import write_atomic
 
 from .images import usable_cpus
-from .loaders import BACKENDS, build_loader, check_data, loader_class
+from .loaders import BACKENDS, build_loader, check_data, dali_tuning_for, loader_class
 from .recipe import DEFAULT_RECIPE, MultiCropRecipe
 
 
@@ -142,13 +142,8 @@ def bench_loaders(data: str | Path, backends: list[str], batch_size: int = 64, w
         raise UsageError(f"--dtype {dtype!r}; use {', '.join(DTYPES)}")
     if dali_tuning and "dali" not in backends:
         raise UsageError(f"--dali-tuning {dali_tuning!r} without the dali backend in --backends")
-    if dali_tuning:  # a bad setting is the user's one-line error, not a failed row
-        try:
-            from .dali_graph import DALITuning
-        except ImportError:
-            pass  # the dali row will say it is not installed
-        else:
-            DALITuning.from_text(dali_tuning)
+    if dali_tuning:  # a bad setting (or asking to tune an absent DALI) is a one-line error, not a failed row
+        dali_tuning_for("dali", dali_tuning)
     warmup_s = min(5.0, seconds / 4) if warmup_s is None else warmup_s
     results = [bench_backend(b, data, recipe, batch_size, workers, seconds, dev, warmup_s, DTYPES[dtype], dali_tuning)
                for b in backends]
