@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate per 256 samples (cosine decay)")
             p.add_argument("--precompute", action="store_true",
                            help="fast: train the head on centre-crop features computed once (no augmentation)")
+            p.add_argument("--out", default=None,
+                           help="resumable run folder: head state saved every epoch, every --checkpoint-minutes and "
+                                "on SIGTERM/SIGUSR2 (then exit 128+signal); rerunning the same command resumes, "
+                                "other settings are an error, a completed run prints its stored DIR/lineval.json")
+            p.add_argument("--checkpoint-minutes", type=float, default=30.0,
+                           help="with --out: also save the head state at a batch boundary this often")
             p.set_defaults(func=_run_lineval)
 
     p = sub.add_parser("export", help="write the backbone as a torchvision resnet state_dict", formatter_class=fmt)
@@ -65,8 +71,16 @@ def _run_knn(args: argparse.Namespace) -> int:
 
 def _run_lineval(args: argparse.Namespace) -> int:
     from train.lineval import run_lineval
+    from train.lineval_state import Preempted
 
-    run_lineval(args)
+    try:
+        run_lineval(args)
+    except Preempted as e:
+        # Unlike pretraining, whose preempted run still leaves a usable checkpoint, a preempted
+        # lineval has no result: a non-zero status keeps `&&` chains and afterok dependencies
+        # from going on without one. 128 + signal is what a shell reports for a signal.
+        sys.stderr.write(f"{e}\n")
+        return 128 + e.signal
     return 0
 
 
