@@ -8,6 +8,7 @@ Loading uses weights_only=True, so a checkpoint holds tensors and plain Python v
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import sys
@@ -45,10 +46,14 @@ def save_checkpoint(run_dir: str | Path, state: dict[str, Any], step: int) -> Pa
     d = checkpoint_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     final = d / f"step_{step:08d}.pt"
+    # Serialized in memory first: torch.save writing to a full disk raises a RuntimeError with
+    # no errno ("unexpected pos ..."), a plain write raises OSError(ENOSPC), which callers handle.
+    data = io.BytesIO()
+    torch.save(state, data)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=d)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            f.write(data.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)

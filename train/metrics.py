@@ -7,6 +7,7 @@ last checkpoint and trained again are logged once, from the resumed run.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,13 @@ class MetricsLog:
             self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        """Append a record; a failed write (a full disk) warns and training goes on: a torn line
+        is dropped by truncate_metrics on the next resume."""
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:
+            sys.stderr.write(f"warning: step {record['step']} not logged to {self.path} ({e.strerror or e})\n")
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):

@@ -20,11 +20,12 @@ import torch.distributed as torch_dist
 from tqdm import tqdm
 
 from mveb.devices import step_stream
+from mveb.errors import UsageError
 from mveb.files import write_atomic
 from pipeline.images import usable_cpus
 from pipeline.loaders import build_loader
 
-from .checkpoint import load_checkpoint, load_latest, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, load_latest, save_checkpoint
 from .config import Config, check_config
 from .distributed import DistInfo, cleanup_distributed, init_distributed, planned_world_size
 from .metrics import MetricsLog
@@ -81,7 +82,7 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
     log = MetricsLog(run_dir, step, cfg.run.tensorboard) if dist.is_main else None
     bar = tqdm(total=stop, initial=step, unit="step", dynamic_ncols=True, disable=not (dist.is_main and cfg.run.progress))
     last_loss = None
-    last_save_time = time.monotonic()
+    last_save_time, saved = time.monotonic(), True
     window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
     with PreemptionFlag() as preemption:
         preempted = False
@@ -117,7 +118,7 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
                        or time.monotonic() - last_save_time >= 60 * cfg.run.checkpoint_every_minutes)
                 preempted, due = _agree(dist, flag_group, preemption.requested, due)
                 if due or preempted or step == stop:
-                    _save(run_dir, trainer, loader, step, steps_per_epoch, cfg, dist)
+                    saved = _save(run_dir, trainer, loader, step, steps_per_epoch, cfg, dist, flag_group)
                     last_save_time = time.monotonic()
                 if preempted:
                     break
@@ -129,6 +130,10 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
     bar.close()
     if log is not None:
         log.close()
+    if not saved:  # the final or the preemption save: what trained since the newest checkpoint is lost
+        newest = latest_checkpoint(run_dir)
+        raise UsageError(f"the checkpoint at step {step} could not be written to {run_dir}; the newest on disk is "
+                         f"{newest.name if newest else 'none'}: free space and rerun the same command to resume from it")
     if preempted and dist.is_main:
         sys.stderr.write(f"stopped at step {step} on a signal; checkpoint saved; rerun the same command to resume\n")
     return {"step": step, "loss": last_loss, "run_dir": str(run_dir), "preempted": preempted, "rank": dist.rank,
@@ -196,7 +201,13 @@ def _record(out: dict[str, Any], step: int, steps_per_epoch: int, trainer: Train
 
 
 def _save(run_dir: Path, trainer: Trainer, loader: Any, step: int, steps_per_epoch: int, cfg: Config,
-          dist: DistInfo) -> None:
+          dist: DistInfo, flag_group: Any) -> bool:
+    """Save on rank 0; False if the write failed (a full disk or quota on a shared filesystem).
+
+    A failed write is a warning, not the end of the run: save_checkpoint removed its partial
+    file, the previous checkpoint is intact, the next due save tries again, and the other
+    ranks learn of it (the all-reduce doubles as the barrier) so all of them report it at the end."""
+    failed = False
     mine = {"loader": loader.state_dict(), "rng": _rng_state()}
     ranks = [mine]
     if dist.is_distributed:
@@ -205,6 +216,10 @@ def _save(run_dir: Path, trainer: Trainer, loader: Any, step: int, steps_per_epo
     if dist.is_main:
         state = {**trainer.state_dict(), "step": step, "epoch": step // steps_per_epoch, "loader": mine["loader"],
                  "rng": mine["rng"], "ranks": ranks, "world_size": dist.world_size, "config": cfg.to_dict()}
-        save_checkpoint(run_dir, state, step)
-    if dist.is_distributed:
-        torch_dist.barrier()
+        try:
+            save_checkpoint(run_dir, state, step)
+        except OSError as e:
+            sys.stderr.write(f"warning: checkpoint at step {step} not written ({e.strerror or e}); "
+                             "the previous one is kept and the next checkpoint tries again\n")
+            failed = True
+    return not _agree(dist, flag_group, failed)[0]
