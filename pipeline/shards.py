@@ -5,6 +5,9 @@ makes a zero-width image from an extreme aspect ratio, so the writer only ever s
 images we decoded, rotated upright, converted to 8-bit RGB and resized ourselves, from the
 validator's good list. The write runs in its own process group under a timeout, into a
 temporary name renamed at the end; `OUT.report.json` lists what was written and skipped.
+A writer worker that fails (a full disk, a file deleted since the scan) also leaves FFCV
+waiting forever for its allocations, so its error is written down and the whole group killed:
+the command fails at once with that error instead of at the timeout.
 
 On a SLURM cluster, build ImageNet's train shard on one big CPU node (the writer scales
 with --workers; there is no cross-node step):
@@ -62,7 +65,8 @@ class ShardSource:
         return open_for_shard(path, self.max_res), label
 
 
-def _write(tmp: str, samples: Sequence[Sample], max_res: int, quality: int, workers: int, progress: bool) -> None:
+def _write(tmp: str, samples: Sequence[Sample], max_res: int, quality: int, workers: int, progress: bool,
+           error: Any) -> None:
     os.setpgid(0, 0)  # our own group, so a timeout kills FFCV's workers too
     import ffcv.writer
     from ffcv.fields import IntField, RGBImageField  # already imported by the parent: free after fork
@@ -77,9 +81,27 @@ def _write(tmp: str, samples: Sequence[Sample], max_res: int, quality: int, work
             # Name the writer's shared memory, so the parent can free it if it must kill us.
             Path(f"{tmp}.shm").write_text(self.metadata_sm.name)
 
+        def _write_common(self, num_samples: int, queue_content: Any, work_fn: Callable, extra: tuple) -> None:
+            super()._write_common(num_samples, queue_content, partial(_fail_fast, error, work_fn), extra)
+
     fields = {"image": RGBImageField(write_mode="jpg", jpeg_quality=quality), "label": IntField()}
     Writer(tmp, fields, num_workers=workers).from_indexed_dataset(
         ShardSource(samples, max_res), chunksize=max(1, min(100, len(samples) // (workers * 4))))
+
+
+def _fail_fast(error: Any, work_fn: Callable, *args: Any) -> None:
+    """Run an FFCV writer worker; on an error, leave its one line for the parent and kill the group.
+
+    `error` is shared memory, not a file: the disk that failed the write would refuse it too."""
+    try:
+        work_fn(*args)
+    except Exception as e:
+        if isinstance(e, OSError) and e.strerror:
+            line = e.strerror + (f": {e.filename}" if e.filename else "")
+        else:
+            line = f"{type(e).__name__}: {e}"
+        error.value = line.encode()[:len(error) - 1]
+        os.killpg(0, signal.SIGKILL)
 
 
 def default_timeout(n_images: int, workers: int) -> float:
@@ -95,7 +117,9 @@ def write_beton(out: Path, samples: Sequence[Sample], max_res: int, quality: int
     import ffcv.writer  # noqa: F401 - imported once here (seconds of numba) rather than in the child
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    proc = mp.get_context("fork").Process(target=_write, args=(str(tmp), samples, max_res, quality, workers, progress))
+    ctx = mp.get_context("fork")
+    error = ctx.Array("c", 512, lock=False)
+    proc = ctx.Process(target=_write, args=(str(tmp), samples, max_res, quality, workers, progress, error))
     proc.start()
     restore_sigterm = _interrupt_on_sigterm()
     try:
@@ -104,7 +128,8 @@ def write_beton(out: Path, samples: Sequence[Sample], max_res: int, quality: int
             raise RuntimeError(f"the FFCV writer did not finish within {timeout_s:.0f} s and was killed; "
                                f"nothing was written to {out}")
         if proc.exitcode != 0:
-            raise RuntimeError(f"the FFCV writer failed (exit code {proc.exitcode}); nothing was written to {out}")
+            why = error.value.decode(errors="replace") or f"exit code {proc.exitcode}"
+            raise RuntimeError(f"the FFCV writer failed ({why}); nothing was written to {out}")
         os.replace(tmp, out)
     finally:
         # Also on Ctrl-C or SIGTERM (scancel): the writer's own group receives neither.
@@ -112,6 +137,7 @@ def write_beton(out: Path, samples: Sequence[Sample], max_res: int, quality: int
         if proc.is_alive():
             os.killpg(proc.pid, signal.SIGKILL)
             proc.join()
+        if proc.exitcode != 0:  # killed by us or by a failing worker, before it freed its shared memory
             _free_shared_memory(Path(f"{tmp}.shm"))
         tmp.unlink(missing_ok=True)
         Path(f"{tmp}.shm").unlink(missing_ok=True)

@@ -1,10 +1,11 @@
-"""Shared fixtures: real photos (the demo set) and the gpu/slurm markers' skip rules."""
+"""Shared fixtures: real photos (the demo set), a real small filesystem, and the gpu/slurm markers' skip rules."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,21 @@ def photo_train(photo_root: Path) -> Path:
 def _quiet_threads() -> None:
     # Two cores here: keep torch from oversubscribing when loaders spawn workers.
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """small_disk("200m"): a real tmpfs of that size (a full disk without filling this one's);
+    called again, it resizes the same filesystem, as a user freeing space would. Needs root."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+
+    def mount(size: str) -> Path:
+        options = f"remount,size={size}" if os.path.ismount(disk) else f"size={size}"
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(disk)], capture_output=True).returncode:
+            pytest.skip("mounting a tmpfs needs root")
+        return disk
+
+    yield mount
+    if os.path.ismount(disk):
+        subprocess.run(["umount", "-l", str(disk)], check=True)

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,7 @@ from mveb.errors import UsageError
 from pipeline.images import list_image_folder
 from pipeline.loaders import build_loader, check_data
 from pipeline.recipe import MultiCropRecipe
-from pipeline.shards import build_shard, check_beton
+from pipeline.shards import build_shard, check_beton, write_beton
 from pipeline.validate import read_fix_list, scan
 
 # name -> expected (height, width) in the shard at max_res 256, for the decodable kinds
@@ -170,6 +173,25 @@ def test_a_killed_write_leaves_nothing_behind(bad_tree: Path, tmp_path: Path) ->
     with pytest.raises(RuntimeError, match="did not finish"):
         build_shard(bad_tree, out, workers=1, timeout_s=0.05, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_fails_at_once_with_its_reason(photo_train: Path, small_disk: Callable[[str], Path]) -> None:
+    # FFCV's writer waits forever for a worker that died; the default timeout would be minutes.
+    disk = small_disk("1m")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"writer failed \(No space left on device\); nothing was written"):
+        build_shard(photo_train, disk / "t.beton", workers=2, progress=False)
+    assert time.monotonic() - start < 60
+    assert list(disk.iterdir()) == []
+
+
+def test_a_file_gone_since_the_scan_fails_at_once_naming_it(photo_train: Path, tmp_path: Path) -> None:
+    samples = list_image_folder(photo_train)[1][:4] + [(str(tmp_path / "deleted.jpg"), 0)]
+    shm_before = set(os.listdir("/dev/shm"))
+    with pytest.raises(RuntimeError, match=r"writer failed \(No such file or directory: .*deleted\.jpg"):
+        write_beton(tmp_path / "t.beton", samples, 64, 90, workers=1, timeout_s=300, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    assert set(os.listdir("/dev/shm")) <= shm_before  # the killed writer's metadata segment is freed
 
 
 def test_user_error_is_one_line_exit_2_without_traceback(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -230,20 +231,9 @@ def test_two_process_global_entropy(two_rank_run: tuple[Path, list[tuple[str, st
     assert abs(gathered["entropy"] - local["entropy"]) > 1e-4 * abs(local["entropy"])
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A real 200 MB filesystem: room for one tiny-preset checkpoint (135 MB), not two."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs needs root")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=True)
-
-
 def test_full_disk_keeps_training_and_names_the_checkpoint_to_resume_from(
-        tiny_train: Path, small_disk: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    run = small_disk / "run"
+        tiny_train: Path, small_disk: Callable[[str], Path], capfd: pytest.CaptureFixture[str]) -> None:
+    run = small_disk("200m") / "run"  # room for one tiny-preset checkpoint (135 MB), not two
     cfg = _cfg(tiny_train, run, "schedule.steps=4", "run.checkpoint_every_steps=2")
     with pytest.raises(UsageError, match=r"step 4 could not be written .* newest on disk is step_00000002\.pt"):
         pretrain(cfg)
@@ -251,7 +241,7 @@ def test_full_disk_keeps_training_and_names_the_checkpoint_to_resume_from(
     assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4]  # trained on past the failed write
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002.pt"]  # no partial file left
 
-    subprocess.run(["mount", "-o", "remount,size=400m", str(small_disk)], check=True)  # the user frees space
+    small_disk("400m")  # the user frees space
     summary = pretrain(cfg)
     assert summary["resumed_from"].endswith("step_00000002.pt") and summary["step"] == 4
     assert int(load_checkpoint(latest_checkpoint(run))["step"]) == 4
