@@ -23,10 +23,16 @@ def written_atomically(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write text atomically; an unwritable path is a UsageError."""
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write text or bytes atomically; an unwritable path (a full disk, a quota) is a UsageError.
+
+    Callers serialize in memory first: torch.save and savefig writing to a full disk raise
+    errors without an errno (RuntimeError "unexpected pos"), a plain write raises OSError."""
     try:
         with written_atomically(path) as tmp:
-            tmp.write_text(text)
+            if isinstance(data, bytes):
+                tmp.write_bytes(data)
+            else:
+                tmp.write_text(data)
     except OSError as e:
         raise UsageError(f"cannot write {path}: {e.strerror}") from None

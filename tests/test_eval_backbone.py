@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,21 @@ def test_missing_paths_are_one_line_errors(photo_root: Path, tmp_path: Path,
 def test_bad_options_are_one_line_errors(argv: list[str], says: str, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     assert says in _one_line_error(argv + ["--train", str(tmp_path), "--val", str(tmp_path)], capsys)
+
+
+@pytest.mark.parametrize("command", ["export", "report", "knn"])
+def test_a_full_disk_is_a_one_line_error_leaving_no_file(command: str, run_dir: Path, photo_root: Path,
+                                                        small_disk: Callable[[str], Path],
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    disk = small_disk("64k")
+    with pytest.raises(OSError), open(disk / "fill", "wb", buffering=0) as fill:
+        while True:  # until the filesystem is full
+            fill.write(b"\0" * 4096)
+    argv = {"export": ["export", str(run_dir), "--out", str(disk / "b.pth")],
+            "report": ["report", str(run_dir), "--out", str(disk / "plots")],
+            "knn": ["knn", "--checkpoint", str(run_dir), "--train", str(photo_root / "train"),
+                    "--val", str(photo_root / "val"), "--image-size", "32", "--json", str(disk / "knn.json")]}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err  # knn's progress bars come first
+    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith("No space left on device")
+    assert sorted(p.name for p in disk.rglob("*")) == ["fill"] + (["plots"] if command == "report" else [])

@@ -6,11 +6,12 @@ fc.bias: the classifier is not part of self-supervised pretraining.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 
-from mveb.files import written_atomically
+from mveb.files import write_atomic
 from train.features import load_backbone
 
 
@@ -19,7 +20,7 @@ def export_backbone(run: str | Path, out: str | Path, arch: str | None = None) -
     # Loading into the architecture first validates the weights, so a wrong file fails here,
     # not in the user's downstream code.
     state = load_backbone(run, arch).state_dict()
-    out = Path(out)
-    with written_atomically(out) as tmp:
-        torch.save(state, tmp)
-    return out
+    data = io.BytesIO()
+    torch.save(state, data)
+    write_atomic(out, data.getvalue())
+    return Path(out)

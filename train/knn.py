@@ -17,7 +17,7 @@ from torch import Tensor
 
 from mveb.errors import UsageError
 from mveb.devices import resolve_device
-from mveb.files import written_atomically
+from mveb.files import write_atomic
 from train.features import check_eval_options, check_same_classes, extract_features, load_backbone
 
 K = 200
@@ -112,5 +112,4 @@ def write_result(path: str | None, result: dict) -> None:
     if path == "-":
         print(text)
         return
-    with written_atomically(path) as tmp:
-        tmp.write_text(text + "\n")
+    write_atomic(path, text + "\n")

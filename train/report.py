@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import sys
 from pathlib import Path
 
 from mveb.errors import UsageError
-from mveb.files import written_atomically
+from mveb.files import write_atomic
 
 # One PNG per entry, one stacked panel per metric, all against the optimizer step.
 FIGURES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -81,8 +82,9 @@ def render_report(run: str | Path, out: str | Path | None = None) -> list[Path]:
         fig.suptitle(f"{run.name}: {name.replace('_', ' ')}")
         fig.tight_layout()
         path = out / f"{name}.png"
-        with written_atomically(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
+        png = io.BytesIO()
+        fig.savefig(png, dpi=100, format="png")
         plt.close(fig)
+        write_atomic(path, png.getvalue())
         written.append(path)
     return written
