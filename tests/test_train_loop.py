@@ -245,3 +245,23 @@ def test_full_disk_keeps_training_and_names_the_checkpoint_to_resume_from(
     summary = pretrain(cfg)
     assert summary["resumed_from"].endswith("step_00000002.pt") and summary["step"] == 4
     assert int(load_checkpoint(latest_checkpoint(run))["step"]) == 4
+
+
+def test_a_second_job_on_the_same_run_folder_is_refused_until_the_first_ends(tiny_train: Path,
+                                                                              tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mveb", "pretrain", "--config", "demo", "--data", str(tiny_train), "--out", str(run),
+           "--steps", "1000", *TINY]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").exists():
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the first run never reached step 1"
+            time.sleep(0.05)
+        with pytest.raises(UsageError, match=rf"{run} is in use by pid {first.pid} on "):
+            pretrain(_cfg(tiny_train, run, "schedule.steps=2"))
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # no chance to unlock: the kernel releases the flock
+        first.communicate(timeout=60)
+    assert pretrain(_cfg(tiny_train, run, "schedule.steps=2"))["step"] >= 2  # the lock died with its holder

@@ -30,6 +30,7 @@ from .config import Config, check_config
 from .distributed import DistInfo, cleanup_distributed, init_distributed, planned_world_size
 from .metrics import MetricsLog
 from .preemption import PreemptionFlag
+from .run_lock import hold_run_folder
 from .step import Trainer, amp_dtype
 
 def pretrain(cfg: Config) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def pretrain(cfg: Config) -> dict[str, Any]:
     dist = init_distributed(cfg.dist.backend, cfg.dist.timeout_minutes)
     threads = torch.get_num_threads()
     try:
-        with step_stream(dist.device, cfg.precision.priority_stream):
+        with step_stream(dist.device, cfg.precision.priority_stream), hold_run_folder(Path(cfg.run.out), dist):
             return _train(cfg, dist)
     finally:
         torch.set_num_threads(threads)
