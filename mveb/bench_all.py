@@ -124,7 +124,8 @@ def summary(results: dict[str, Any]) -> str:
     lines = [f"# mveb bench all ({m['date']})", "",
              f"Machine: {m['gpu'] or 'no GPU'}, {m['cpus']} CPU cores, Python {m['python']}; {versions}.", ""]
     loader = results.get("loader", {})
-    lines += ["## Loader (images/s, each image = all views)", ""]
+    if loader:  # a part not run (--parts) gets no section, not a "failed" line
+        lines += ["## Loader (images/s, each image = all views)", ""]
     if "results" in loader:
         lines += [f"Views {loader['views']}, batch {loader['batch_size']}, {loader['workers']} workers, "
                   f"device {loader['device']}.", "", "| backend | images/s | compile s | note |", "|---|---|---|---|"]
@@ -132,10 +133,11 @@ def summary(results: dict[str, Any]) -> str:
             ips = f"{r['images_per_s']:.1f}" if "images_per_s" in r else "-"
             comp = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
             lines.append(f"| {r['backend']} | {ips} | {comp} | {r.get('skipped') or r.get('error', '')} |")
-    else:
+    elif loader:
         lines.append(f"failed: {loader.get('error')}")
     kern = results.get("kernels", {})
-    lines += ["", f"## MVEB loss, fwd+bwd, {kern.get('views', 8)} views, D={kern.get('dim', 2048)} (ms)", ""]
+    if kern:
+        lines += ["", f"## MVEB loss, fwd+bwd, {kern.get('views', 8)} views, D={kern.get('dim', 2048)} (ms)", ""]
     if "results" in kern:
         lines += ["| B | impl | ms | GPU busy ms | launches | syncs | peak MiB | note |", "|---|---|---|---|---|---|---|---|"]
         num = lambda v, f: format(v, f) if v is not None else "-"
@@ -144,7 +146,7 @@ def summary(results: dict[str, Any]) -> str:
             lines.append(f"| {r['batch']} | {r['impl']} | {ms} | {num(r.get('gpu_ms'), '.3f')} | "
                          f"{num(r.get('launches'), 'd')} | {num(r.get('syncs'), 'd')} | {num(r.get('peak_mib'), '.0f')} | "
                          f"{r.get('skipped') or ''} |")
-    else:
+    elif kern:
         lines.append(f"failed: {kern.get('error')}")
     for key in ("step_b128", "step"):
         if key in results:
@@ -172,7 +174,8 @@ def chart(results: dict[str, Any], path: Path) -> None:
     batches = sorted({r["batch"] for r in kern})
     axes[1].set_xticks(batches, [str(b) for b in batches], minor=False)
     axes[1].set_xticks([], minor=True)
-    axes[1].legend(fontsize=8)
+    if kern:
+        axes[1].legend(fontsize=8)
     steps = [r for key in ("step_b128", "step") for r in results.get(key, {}).get("results", []) if "error" not in r]
     axes[2].barh([f"{r['variant']} B{r['batch_size']}" for r in steps], [r["samples_per_s"] for r in steps],
                  color="tab:green")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .recipe import SHARD_MAX_RES
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="decode every image of an ImageFolder tree and report broken files",
@@ -18,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--src", required=True, help="ImageFolder root (one subfolder per class)")
     p.add_argument("--out", required=True, help="output .beton path; a report is written beside it")
-    p.add_argument("--max-res", type=int, default=256, help="longest side after resizing")
+    p.add_argument("--max-res", type=int, default=SHARD_MAX_RES,
+                   help="longest side stored (the crops come from it; keep it at least the photos' size)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of stored images")
     p.add_argument("--workers", type=int, default=None, help="writer processes (default: the CPUs this job may use)")
     p.add_argument("--limit", type=int, default=None, help="write at most this many images")

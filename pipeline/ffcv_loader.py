@@ -35,7 +35,7 @@ from . import ffcv_fix  # noqa: F401 - must patch FFCV before any Loader is buil
 from .batch import MultiCropBatch, check_loader_args
 from .ffcv_decoder import MultiCropDecoder
 from .ffcv_ops import normalize_views
-from .recipe import MultiCropRecipe
+from .recipe import SHARD_MAX_RES, MultiCropRecipe
 from .shards import build_shard, check_beton
 
 # FFCV runs the numba pipeline from its own thread; numba's fallback "workqueue" layer
@@ -45,7 +45,6 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 
 IMAGE_FIELD = "image"
 LABEL_FIELD = "label"
-SHARD_MAX_RES = 256
 SHARD_QUALITY = 90
 
 

@@ -12,7 +12,7 @@ the command fails at once with that error instead of at the timeout.
 On a SLURM cluster, build ImageNet's train shard on one big CPU node (the writer scales
 with --workers; there is no cross-node step):
     sbatch -c 64 --mem 128G -t 4:00:00 --wrap "mveb shards --src /data/imagenet/train \
-        --out /data/imagenet/train_256.beton --workers 64"
+        --out /data/imagenet/train.beton --workers 64"
 or `python slurm/launch.py shards ...`, which submits the same call.
 """
 
@@ -35,6 +35,7 @@ from mveb.errors import UsageError
 from mveb.files import write_atomic
 
 from .images import Sample, read_class_file, to_rgb8, usable_cpus
+from .recipe import SHARD_MAX_RES
 from .validate import scan
 
 
@@ -175,7 +176,7 @@ def _choose(samples: list[Sample], limit: int | None) -> list[Sample]:
     return [samples[i] for i in keep]
 
 
-def build_shard(src: str | Path, out: str | Path, max_res: int = 256, quality: int = 90,
+def build_shard(src: str | Path, out: str | Path, max_res: int = SHARD_MAX_RES, quality: int = 90,
                 workers: int | None = None, limit: int | None = None,
                 classes: str | Path | list[str] | None = None, timeout_s: float | None = None,
                 progress: bool = True) -> dict:

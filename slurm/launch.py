@@ -1,6 +1,6 @@
 """Launch MVEB pretraining (or a shard build) on SLURM with submitit.
 
-    python slurm/launch.py --nodes 4 --data /data/imagenet/train_256.beton --out runs/rn50
+    python slurm/launch.py --nodes 4 --data /data/imagenet/train.beton --out runs/rn50
         4 nodes x 8 GPUs, one task per GPU: world size 32, 128 per GPU, global batch 4096,
         LR 0.3 x 4096 / 256 = 4.8. The run folder gets config.json and launch.json; the job
         requeues itself on preemption or timeout and resumes from the newest checkpoint.

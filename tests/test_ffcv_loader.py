@@ -14,10 +14,12 @@ import torch
 from ffcv.reader import Reader
 
 from mveb.errors import UsageError
-from pipeline.batch import MultiCropBatch
+from pipeline.batch import MultiCropBatch, MultiCropLoader
+from pipeline.demo_photos import build_photo_folder
 from pipeline.ffcv_loader import FFCVMultiCropLoader
 from pipeline.recipe import MultiCropRecipe
 from pipeline.shards import build_shard
+from pipeline.torch_loader import TorchMultiCropLoader
 
 RECIPE = MultiCropRecipe().with_views(2, 64, 2, 32)
 BATCH = 16
@@ -168,6 +170,29 @@ def test_image_folder_is_sharded_once_into_the_cache(photo_train: Path, tmp_path
     stamp = ld.path.stat().st_mtime_ns
     again = FFCVMultiCropLoader(photo_train, RECIPE, 8, cache_dir=tmp_path)
     assert again.path == ld.path and again.path.stat().st_mtime_ns == stamp
+
+
+def _mean_gradients(loader: MultiCropLoader, epochs: int) -> torch.Tensor:
+    """Mean absolute horizontal gradient of the global and of the local views (sharpness)."""
+    sums = []
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        sums += [[(t[..., 1:] - t[..., :-1]).abs().mean() for t in (b.global_views, b.local_views)] for b in loader]
+    return torch.tensor(sums).mean(0)
+
+
+@pytest.mark.slow
+def test_default_shard_keeps_imagenet_size_photos_as_sharp_as_the_reference(tmp_path: Path) -> None:
+    """Crops of a default shard are as sharp as the torchvision reference's crops of the JPEGs.
+    On 500-px photos (ImageNet's size) a 256-px shard made the global views' gradient 17.5%
+    lower and the locals' 10% (upsampled crops); the default shard measured within 2.1%."""
+    photos = build_photo_folder(tmp_path / "photos", per_class_train=16, per_class_val=0, side=500) / "train"
+    shard = tmp_path / "train.beton"
+    build_shard(photos, shard, workers=2, progress=False)
+    recipe = MultiCropRecipe().with_views(2, 224, 2, 96)
+    ref = _mean_gradients(TorchMultiCropLoader(photos, recipe, BATCH, workers=2, seed=0), epochs=4)
+    got = _mean_gradients(FFCVMultiCropLoader(shard, recipe, BATCH, workers=2, seed=0), epochs=4)
+    assert ((got / ref - 1).abs() < 0.07).all(), f"gradient ratio to the reference (global, local): {got / ref}"
 
 
 @pytest.mark.gpu

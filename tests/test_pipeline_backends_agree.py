@@ -28,6 +28,7 @@ from pipeline.batch import MultiCropBatch
 from pipeline.loaders import build_loader
 from pipeline.recipe import MultiCropRecipe
 from pipeline.shards import build_shard
+from train.config import get_config
 
 RECIPE = MultiCropRecipe().with_views(2, 64, 2, 32)
 BATCH = 32
@@ -59,13 +60,17 @@ def _stats(batches: list[MultiCropBatch]) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.slow
-def test_ffcv_and_dali_statistics_match_the_reference(photo_train: Path,
-                                                      tmp_path_factory: pytest.TempPathFactory) -> None:
+@pytest.fixture(scope="module")
+def shard(photo_train: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("ffcv")
+    out = tmp_path_factory.mktemp("agree") / "train.beton"
+    build_shard(photo_train, out, workers=2, progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_ffcv_and_dali_statistics_match_the_reference(photo_train: Path, shard: Path) -> None:
     pytest.importorskip("nvidia.dali")
-    shard = tmp_path_factory.mktemp("agree") / "train.beton"
-    build_shard(photo_train, shard, workers=2, progress=False)
     ref = _stats(_epochs("torch", photo_train))
     # The statistics must be able to fail: view 2's solarize and view 1's blur show in the reference.
     assert ref["global2"][:3].mean() < ref["global1"][:3].mean() - 0.1
@@ -78,3 +83,27 @@ def test_ffcv_and_dali_statistics_match_the_reference(photo_train: Path,
             assert (g[:3] - r[:3]).abs().max() < MEAN_TOL, where
             assert (g[3:6] - r[3:6]).abs().max() < STD_TOL, where
             assert abs(g[6] / r[6] - 1) < GRAD_REL_TOL, where
+
+
+def _channel_spread(views: torch.Tensor) -> float:
+    """Largest difference between a pixel's R, G and B once un-normalized (0 for gray views)."""
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (RECIPE.mean, RECIPE.std))
+    rgb = views.float() * std + mean
+    return (rgb.amax(1) - rgb.amin(1)).max().item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "ffcv", "dali"])
+def test_an_augment_override_reaches_every_backend(backend: str, photo_train: Path, shard: Path) -> None:
+    """`data.augment` is the recipe every loader reads: grayscale always and jitter never give
+    gray views in each backend, where the paper's recipe gives colour ones."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    data = shard if backend == "ffcv" else photo_train
+    gray = get_config("demo", ["data.augment=grayscale_p=1,jitter_p=0"]).data.recipe()
+    for recipe, is_gray in ((gray, True), (get_config("demo").data.recipe(), False)):
+        assert recipe.global_size == RECIPE.global_size and recipe.mean == RECIPE.mean
+        b = next(iter(build_loader(backend, data, recipe, BATCH, seed=0, workers=2)))
+        for views in (b.global_views, b.local_views):
+            spread = _channel_spread(views)
+            assert spread < 3 / 255 if is_gray else spread > 0.3, (backend, is_gray, spread)

@@ -66,6 +66,8 @@ def test_bench_all_parts_run_apart_and_merge(tmp_path: Path, capsys: pytest.Capt
     assert main(["bench", "all", "--device", "cpu", "--out", str(out), "--parts", "kernels"]) == 0
     first = json.loads((out / "results.json").read_text())
     assert "kernels" in first and "step" not in first and not (out / "photos").exists()
+    alone = (out / "summary.md").read_text()  # a part not run is left out, not reported as failed
+    assert "## MVEB loss" in alone and "## Loader" not in alone and "failed" not in alone
     assert main(["bench", "all", "--device", "cpu", "--out", str(out), "--parts", "step"]) == 0
     both = json.loads((out / "results.json").read_text())
     assert both["kernels"] == first["kernels"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import re
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from mveb.errors import UsageError
 from train.checkpoint import checkpoints, latest_checkpoint, load_checkpoint, load_latest, save_checkpoint
-from train.config import Config, get_config
+from train.config import Config, check_config, get_config
 from train.distributed import _env_ranks, init_distributed, planned_world_size, rendezvous_env
 from train.lars import LARS, lars_param_groups
 from train.model import Encoder, ema_update, momentum_copy
@@ -285,6 +286,31 @@ def test_presets_and_overrides() -> None:
 def test_bad_overrides_are_usage_errors(override: str, message: str) -> None:
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
         get_config("demo", [override])
+
+
+def test_augment_override_sets_any_recipe_field_and_round_trips() -> None:
+    cfg = get_config("demo", ["data.augment=global_scale=0.14:1, local_blur_p=0.3,global_solarize_p=0:0.5,flip_p=0"])
+    r = cfg.data.recipe()
+    assert (r.global_scale, r.local_blur_p, r.global_solarize_p, r.flip_p) == ((0.14, 1.0), 0.3, (0.0, 0.5), 0.0)
+    assert (r.global_size, r.n_local, r.jitter_p) == (64, 2, 0.8)  # the preset's views, the paper's other values
+    assert Config.from_dict(cfg.to_dict()).data.recipe() == r
+    assert get_config("demo").data.recipe().global_scale == (0.4, 1.0)
+
+
+@pytest.mark.parametrize("augment,message", [
+    ("flip_p=1.5", "flip_p=1.5 is not a probability"),
+    ("global_scale=0.5:2", "global_scale=(0.5, 2.0) is not a range 0 < lo <= hi <= 1"),
+    ("global_blur_p=1", "global_blur_p needs one probability per global view (2)"),
+    ("blur_sigma=2", "blur_sigma='2': expected 2 numbers joined by ':'"),
+    ("hue=lots", "hue='lots': expected float"),
+    ("hue=0.7", "0 <= hue <= 0.5"),
+    ("n_local=4", "use key=value with a key among global_scale"),
+    ("flip", "use key=value"),
+])
+def test_bad_augment_overrides_are_usage_errors_before_any_run(augment: str, message: str, tmp_path: Path) -> None:
+    cfg = get_config("demo", [f"data.path={tmp_path}", f"data.augment={augment}"])
+    with pytest.raises(UsageError, match=re.escape(message)):
+        check_config(cfg, world_size=1)
 
 
 # ---- distributed environment

@@ -32,15 +32,21 @@ class DataConfig:
     global_size: int | None = None
     n_local: int | None = None
     local_size: int | None = None
+    # Any other recipe field, as "key=value,..." over pipeline.recipe.MultiCropRecipe, ranges
+    # and per-view values joined by ':', e.g. "global_scale=0.14:1,local_blur_p=0.3"; "" = the paper's.
+    augment: str = ""
 
     def recipe(self) -> MultiCropRecipe:
         d = DEFAULT_RECIPE
         views = (self.n_global, self.global_size, self.n_local, self.local_size)
-        if all(v is None for v in views):
-            return d
-        ng, gs, nl, ls = (v if v is not None else dv for v, dv in
-                          zip(views, (d.n_global, d.global_size, d.n_local, d.local_size)))
-        return d.with_views(ng, gs, nl, ls)
+        if any(v is not None for v in views):
+            ng, gs, nl, ls = (v if v is not None else dv for v, dv in
+                              zip(views, (d.n_global, d.global_size, d.n_local, d.local_size)))
+            try:
+                d = d.with_views(ng, gs, nl, ls)
+            except ValueError as e:
+                raise UsageError(f"data.n_global/global_size/n_local/local_size: {e}") from None
+        return d.with_overrides(self.augment)
 
 
 @dataclass
