@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from . import ffcv_fix  # noqa: F401 - must patch FFCV before any Loader is buil
 from .batch import MultiCropBatch, check_loader_args
 from .ffcv_decoder import MultiCropDecoder
 from .ffcv_ops import normalize_views
+from .images import usable_cpus
 from .recipe import SHARD_MAX_RES, MultiCropRecipe
 from .shards import build_shard, check_beton
 
@@ -63,6 +65,16 @@ def cached_shard(folder: str | Path, cache_dir: str | Path | None = None, worker
         cache.mkdir(parents=True, exist_ok=True)
         build_shard(folder, shard, max_res=SHARD_MAX_RES, quality=SHARD_QUALITY, workers=workers)
     return shard
+
+
+def _threads(workers: int | None) -> int:
+    """FFCV's numba threads: `workers`, or the CPUs this job may use. Numba refuses more threads
+    than the host's CPUs (NUMBA_NUM_THREADS) with a ValueError from deep inside FFCV, so the
+    default data.workers=8 on a smaller node or allocation runs with what there is, and says so."""
+    usable = min(usable_cpus(), numba.config.NUMBA_NUM_THREADS)
+    if workers and workers > usable:
+        sys.stderr.write(f"warning: {workers} FFCV workers asked for, {usable} CPUs usable here; using {usable}\n")
+    return min(workers or usable, usable)
 
 
 class _PlannedOrder(TraversalOrder):
@@ -123,7 +135,7 @@ class FFCVMultiCropLoader:
                 pipelines[name] = PipelineSpec(LABEL_FIELD, decoder=IntDecoder())
             elif name != IMAGE_FIELD:
                 pipelines[name] = None
-        self._ffcv = Loader(str(path), batch_size=batch_size, num_workers=workers or os.cpu_count() or 1,
+        self._ffcv = Loader(str(path), batch_size=batch_size, num_workers=_threads(workers),
                             order=self._order, pipelines=pipelines, drop_last=drop_last, batches_ahead=2,
                             os_cache=True)  # ffcv_fix patches the OS-cache reader only
         self._mean = torch.tensor(recipe.mean, device=self.device) * 255

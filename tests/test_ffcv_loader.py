@@ -6,6 +6,7 @@ second one, rank 1 of 2, checks that a sample's views do not depend on who reads
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,15 @@ def test_bad_inputs_are_usage_errors(ffcv_shard: Path, tmp_path: Path) -> None:
     ld = FFCVMultiCropLoader(ffcv_shard, RECIPE, 8, seed=1)
     with pytest.raises(UsageError, match="seed"):
         ld.load_state_dict({"epoch": 0, "batches_done": 0, "seed": 2})
+
+
+def test_more_workers_than_cpus_run_with_the_cpus_there_are(ffcv_shard: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """data.workers=8 (the preset) on a smaller node: numba refuses more threads than CPUs."""
+    usable = len(os.sched_getaffinity(0))
+    ld = FFCVMultiCropLoader(ffcv_shard, RECIPE, BATCH, workers=usable + 6, seed=0)
+    next(iter(ld)).check(RECIPE, BATCH)
+    assert f"{usable + 6} FFCV workers asked for, {usable} CPUs usable here; using {usable}" in capsys.readouterr().err
 
 
 @pytest.mark.slow
