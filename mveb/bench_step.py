@@ -161,12 +161,16 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
     is written there after every variant, so a run cut short keeps what it measured. overrides:
     config KEY=VALUE items applied to the preset of every variant (e.g. data.workers=16). trace_dir:
     each profiled variant's timeline there (implies profile)."""
+    if batch_size is not None and batch_size < 2:
+        raise UsageError(f"--batch-size must be at least 2 (MVEB's entropy needs 2 samples), got {batch_size}")
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}")
     profile = profile or trace_dir is not None
     dev = resolve_device(device)
     on_gpu = dev.type == "cuda"
     cfg = get_config(config or ("imagenet_rn50" if on_gpu else "demo"), ["run.progress=false", *overrides])
-    cfg.data.batch_size = batch_size or (256 if on_gpu else 8)
-    steps = steps or (30 if on_gpu else 4)
+    cfg.data.batch_size = batch_size if batch_size is not None else (256 if on_gpu else 8)
+    steps = steps if steps is not None else (30 if on_gpu else 4)
     warmup = 10 if on_gpu else 2
     real = [b for b in loaders if b != "synthetic"]
     if real and not data:

@@ -67,7 +67,7 @@ def cached_shard(folder: str | Path, cache_dir: str | Path | None = None, worker
     return shard
 
 
-def _threads(workers: int | None) -> int:
+def ffcv_threads(workers: int | None) -> int:
     """FFCV's numba threads: `workers`, or the CPUs this job may use. Numba refuses more threads
     than the host's CPUs (NUMBA_NUM_THREADS) with a ValueError from deep inside FFCV, so the
     default data.workers=8 on a smaller node or allocation runs with what there is, and says so."""
@@ -135,7 +135,7 @@ class FFCVMultiCropLoader:
                 pipelines[name] = PipelineSpec(LABEL_FIELD, decoder=IntDecoder())
             elif name != IMAGE_FIELD:
                 pipelines[name] = None
-        self._ffcv = Loader(str(path), batch_size=batch_size, num_workers=_threads(workers),
+        self._ffcv = Loader(str(path), batch_size=batch_size, num_workers=ffcv_threads(workers),
                             order=self._order, pipelines=pipelines, drop_last=drop_last, batches_ahead=2,
                             os_cache=True)  # ffcv_fix patches the OS-cache reader only
         self._mean = torch.tensor(recipe.mean, device=self.device) * 255

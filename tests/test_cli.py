@@ -33,3 +33,16 @@ def test_slurm_launch_help() -> None:
     r = subprocess.run([sys.executable, "slurm/launch.py", "--help"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "--nodes" in r.stdout
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "step", "--batch-size", "0"], "--batch-size must be at least 2"),
+    (["bench", "step", "--batch-size", "1"], "--batch-size must be at least 2"),
+    (["bench", "step", "--steps", "0"], "--steps must be at least 1"),
+])
+def test_bench_step_refuses_a_batch_or_step_count_it_would_not_run(argv: list[str], message: str,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # 0 once meant "the default": a benchmark of batch 8 reported for --batch-size 0.
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,18 @@ def test_shard_features_match_folder_features(photo_root: Path, tmp_path: Path) 
     assert open_images(beton, 48, 32, workers=1) is open_images(beton, 48, 32, workers=1)
     again = extract_features(backbone, beton, 48, 32, cpu, workers=1)
     assert torch.equal(again.labels, from_shard.labels) and torch.allclose(again.feats, from_shard.feats)
+
+
+def test_more_workers_than_cpus_read_the_shard_with_the_cpus_there_are(
+        photo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("ffcv")
+    beton = tmp_path / "val.beton"
+    build_shard(photo_root / "val", beton, max_res=48, workers=1, progress=False)
+    usable = len(os.sched_getaffinity(0))
+    images = open_images(beton, 32, 16, workers=usable + 6)
+    x, y = next(iter(images))
+    assert x.shape[1:] == (3, 32, 32) and len(y) == len(x) == 16
+    assert f"{usable + 6} FFCV workers asked for, {usable} CPUs usable here" in capsys.readouterr().err
 
 
 def test_a_broken_shard_is_a_usage_error(tmp_path: Path) -> None:

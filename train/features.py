@@ -206,7 +206,7 @@ def open_images(source: str | Path, image_size: int, batch_size: int, augment: b
 
 def _open_beton(path: Path, image_size: int, batch_size: int, augment: bool, workers: int,
                 seed: int) -> LabelledImages:
-    import pipeline.ffcv_fix  # noqa: F401 - must patch FFCV's reader before a Loader is built
+    from pipeline.ffcv_loader import ffcv_threads  # also patches FFCV's reader (pipeline.ffcv_fix)
     from ffcv.fields import IntField, RGBImageField
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
@@ -230,7 +230,7 @@ def _open_beton(path: Path, image_size: int, batch_size: int, augment: bool, wor
     pipelines: dict[str, list | None] = {name: None for name in reader.field_names}
     pipelines[image_name] = image_ops + [ToTensor(), ToTorchImage()]
     pipelines[label_name] = [IntDecoder(), ToTensor(), Squeeze(1)]
-    loader = Loader(str(path), batch_size=batch_size, num_workers=max(1, workers),
+    loader = Loader(str(path), batch_size=batch_size, num_workers=ffcv_threads(max(1, workers)),
                     order=OrderOption.RANDOM if augment else OrderOption.SEQUENTIAL, seed=seed,
                     pipelines=pipelines, drop_last=False)
     label_first = reader.field_names.index(label_name) < reader.field_names.index(image_name)
