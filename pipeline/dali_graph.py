@@ -140,7 +140,9 @@ def _draw(p: float, frames: int = 0) -> DataNode:
     return fn.random.coin_flip(probability=p, dtype=types.BOOL, **_shape(frames))
 
 
-def _uniform(lo: float, hi: float, frames: int) -> DataNode:
+def _uniform(lo: float, hi: float, frames: int) -> DataNode | float:
+    if lo == hi:  # a fixed value (e.g. data.augment=blur_sigma=2:2): DALI refuses the range [2, 2)
+        return lo
     return fn.random.uniform(range=[lo, hi], **_shape(frames))
 
 

@@ -96,7 +96,8 @@ def _channel_spread(views: torch.Tensor) -> float:
 @pytest.mark.parametrize("backend", ["torch", "ffcv", "dali"])
 def test_an_augment_override_reaches_every_backend(backend: str, photo_train: Path, shard: Path) -> None:
     """`data.augment` is the recipe every loader reads: grayscale always and jitter never give
-    gray views in each backend, where the paper's recipe gives colour ones."""
+    gray views in each backend, where the paper's recipe gives colour ones; a fixed blur sigma
+    blurs."""
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
     data = shard if backend == "ffcv" else photo_train
@@ -107,3 +108,10 @@ def test_an_augment_override_reaches_every_backend(backend: str, photo_train: Pa
         for views in (b.global_views, b.local_views):
             spread = _channel_spread(views)
             assert spread < 3 / 255 if is_gray else spread > 0.3, (backend, is_gray, spread)
+    # A fixed value as a range (lo == hi; DALI's uniform refuses an empty range) blurs every view.
+    sharpness = []
+    for augment in ("global_blur_p=0:0", "global_blur_p=1:1,blur_sigma=2:2"):
+        recipe = get_config("demo", [f"data.augment={augment}"]).data.recipe()
+        g = next(iter(build_loader(backend, data, recipe, BATCH, seed=0, workers=2))).global_views
+        sharpness.append((g[..., 1:] - g[..., :-1]).abs().mean().item())
+    assert sharpness[1] < 0.7 * sharpness[0], (backend, sharpness)
