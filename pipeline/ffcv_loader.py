@@ -13,6 +13,8 @@ of FFCV's reused buffer is fused with the normalize.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import sys
@@ -61,10 +63,35 @@ def cached_shard(folder: str | Path, cache_dir: str | Path | None = None, worker
     key = hashlib.sha1(f"{folder}|{SHARD_MAX_RES}|{SHARD_QUALITY}".encode()).hexdigest()[:12]
     shard = cache / f"{folder.name}-{key}.beton"
     newest = max([folder.stat().st_mtime] + [e.stat().st_mtime for e in os.scandir(folder) if e.is_dir()])
-    if not shard.exists() or shard.stat().st_mtime < newest:
+
+    def stale() -> bool:
+        return not shard.exists() or shard.stat().st_mtime < newest
+
+    if stale():
         cache.mkdir(parents=True, exist_ok=True)
-        build_shard(folder, shard, max_res=SHARD_MAX_RES, quality=SHARD_QUALITY, workers=workers)
+        # Every rank of a job (and every job on the cache) gets here at once: without the lock
+        # each built the whole shard (ImageNet: 8 copies per node of a ~100 GB write).
+        with _build_lock(shard):
+            if stale():
+                build_shard(folder, shard, max_res=SHARD_MAX_RES, quality=SHARD_QUALITY, workers=workers)
     return shard
+
+
+@contextlib.contextmanager
+def _build_lock(shard: Path) -> Iterator[None]:
+    """An exclusive flock beside `shard` for its build; the kernel drops it however the holder
+    dies. A filesystem without locks gets a warning, and the build goes on unlocked."""
+    with open(shard.with_name(f".{shard.name}.lock"), "a+") as f:
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                sys.stderr.write(f"waiting for another process building {shard}\n")
+                fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:
+            sys.stderr.write(f"warning: {shard.parent} cannot be locked ({e.strerror}); "
+                             "processes that start together each build the shard\n")
+        yield
 
 
 def ffcv_threads(workers: int | None) -> int:

@@ -7,6 +7,8 @@ second one, rank 1 of 2, checks that a sample's views do not depend on who reads
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +205,21 @@ def test_default_shard_keeps_imagenet_size_photos_as_sharp_as_the_reference(tmp_
     ref = _mean_gradients(TorchMultiCropLoader(photos, recipe, BATCH, workers=2, seed=0), epochs=4)
     got = _mean_gradients(FFCVMultiCropLoader(shard, recipe, BATCH, workers=2, seed=0), epochs=4)
     assert ((got / ref - 1).abs() < 0.07).all(), f"gradient ratio to the reference (global, local): {got / ref}"
+
+
+@pytest.mark.slow
+def test_processes_starting_together_build_the_cached_shard_once(photo_train: Path, tmp_path: Path) -> None:
+    """The ranks of a DDP job on an ImageFolder all ask for its shard at once: one builds, the
+    others wait for it. A second build would replace the file: each process reports the inode it
+    got, and all must be the final one."""
+    code = ("import os, sys; from pipeline.ffcv_loader import cached_shard; "
+            "p = cached_shard(sys.argv[1], sys.argv[2], workers=1); print(os.stat(p).st_ino)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(photo_train), str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    (shard,) = tmp_path.glob("*.beton")
+    assert [int(out) for out, _ in results] == [shard.stat().st_ino] * 3
 
 
 @pytest.mark.gpu
