@@ -3,7 +3,8 @@
 `DALIMultiCropLoader` follows the `MultiCropLoader` protocol and yields `MultiCropBatch`es
 built by the graph in `dali_graph.py`. DALI stops at the first file it cannot decode, so
 it only ever reads validated files: for an ImageFolder root, `mveb validate`'s report
-when there is a current one, else a full decode (broken files are reported and left out);
+when there is a current one, else a full decode, done once and kept in the cache (broken
+files are reported and left out);
 a (path, label) list, e.g. `read_fix_list` of a `mveb validate --fix-list`, is trusted.
 
 Epochs: every rank reads its own fixed shard (DALI pads the shard's last batch). Iterating
@@ -34,6 +35,7 @@ from mveb.errors import UsageError
 from mveb.files import write_atomic
 
 from .batch import MultiCropBatch, check_loader_args
+from .cache import build_lock, cache_dir, cache_name
 from .dali_graph import OUTPUT_DTYPES, DALITuning, build_pipeline, stacks_locals
 from .images import Sample, list_image_folder, usable_cpus
 from .recipe import MultiCropRecipe
@@ -49,12 +51,12 @@ def write_file_list(samples: Sequence[Sample], path: str | Path) -> None:
     write_atomic(path, "".join(f"{os.path.abspath(p)} {y}\n" for p, y in samples))
 
 
-def _from_report(root: str | Path, samples: list[Sample]) -> tuple[list[Sample], list[tuple[str, str]]] | None:
-    """`mveb validate`'s verdict for `root` (its default report beside the folder) when the
-    report covers exactly as many files as the folder holds now; else None."""
-    src = Path(root).resolve()
+def _from_report(report_path: Path, root: str | Path,
+                 samples: list[Sample]) -> tuple[list[Sample], list[tuple[str, str]]] | None:
+    """A validation report's verdict for `root` when it covers exactly as many files as the
+    folder holds now; else None."""
     try:
-        report = json.loads((src.parent / f"{src.name}.validate.json").read_text())
+        report = json.loads(report_path.read_text())
         reasons = {os.path.relpath(b["path"], report["root"]): b["reason"] for b in report["bad"]}
         if report["files"] != len(samples):
             return None
@@ -72,17 +74,35 @@ def _from_report(root: str | Path, samples: list[Sample]) -> tuple[list[Sample],
 
 def resolve_dali_samples(data: DataSource, workers: int) -> tuple[list[Sample], list[tuple[str, str]]]:
     """(files DALI may read, files left out with the reason). A folder is checked by fully
-    decoding it (`mveb validate`'s scan) unless `mveb validate --src FOLDER` already wrote
-    its report for the same number of files: every rank of a job builds a loader, and
-    eight ranks decoding all of ImageNet before the first step would take hours. A
-    (path, label) list is taken as already validated."""
+    decoding it (`mveb validate`'s scan) unless a current report says what is broken:
+    `mveb validate --src FOLDER`'s beside the folder, or the one the first scan kept in the
+    cache. Every rank of a job builds a loader, and a requeued job builds them again: one
+    process scans while the others wait (eight ranks each decoding all of ImageNet, at each
+    restart, took hours). A (path, label) list is taken as already validated."""
     if not isinstance(data, (str, Path)):
         return resolve_samples(data)[1], []
     _, samples = list_image_folder(data)
-    known = _from_report(data, samples)
-    if known is not None:
+    src = Path(data).resolve()
+    beside = src.parent / f"{src.name}.validate.json"
+    kept = cache_dir("validate") / f"{cache_name(src)}.validate.json"
+    # A file added, removed or renamed changes its class folder's mtime; the kept scan is
+    # then redone (`mveb validate`'s own report is believed while the file count matches).
+    newest = max([src.stat().st_mtime] + [e.stat().st_mtime for e in os.scandir(src) if e.is_dir()])
+
+    def from_kept() -> tuple[list[Sample], list[tuple[str, str]]] | None:
+        current = kept.exists() and kept.stat().st_mtime >= newest
+        return _from_report(kept, data, samples) if current else None
+
+    if (known := _from_report(beside, data, samples) or from_kept()) is not None:
         return known
-    result = scan(data, workers)
+    with build_lock(kept):
+        if (known := from_kept()) is not None:
+            return known
+        result = scan(data, workers)
+        try:
+            write_atomic(kept, json.dumps(result.report(), indent=1) + "\n")
+        except OSError as e:
+            sys.stderr.write(f"warning: the scan of {src} is not kept ({e.strerror or e}); the next start scans again\n")
     return result.good, result.bad
 
 

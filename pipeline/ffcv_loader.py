@@ -13,9 +13,6 @@ of FFCV's reused buffer is fused with the normalize.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import os
 import sys
 import threading
@@ -36,6 +33,8 @@ from mveb.errors import UsageError
 
 from . import ffcv_fix  # noqa: F401 - must patch FFCV before any Loader is built
 from .batch import MultiCropBatch, check_loader_args
+from .cache import build_lock, cache_name
+from .cache import cache_dir as data_cache
 from .ffcv_decoder import MultiCropDecoder
 from .ffcv_ops import normalize_views
 from .images import usable_cpus
@@ -52,46 +51,22 @@ LABEL_FIELD = "label"
 SHARD_QUALITY = 90
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MVEB_CACHE_DIR", Path.home() / ".cache" / "mveb")) / "shards"
-
-
 def cached_shard(folder: str | Path, cache_dir: str | Path | None = None, workers: int | None = None) -> Path:
     """The shard of an ImageFolder tree, built once into the cache and rebuilt when stale."""
     folder = Path(folder).resolve()
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = hashlib.sha1(f"{folder}|{SHARD_MAX_RES}|{SHARD_QUALITY}".encode()).hexdigest()[:12]
-    shard = cache / f"{folder.name}-{key}.beton"
+    cache = Path(cache_dir) if cache_dir is not None else data_cache("shards")
+    shard = cache / f"{cache_name(folder, SHARD_MAX_RES, SHARD_QUALITY)}.beton"
     newest = max([folder.stat().st_mtime] + [e.stat().st_mtime for e in os.scandir(folder) if e.is_dir()])
 
     def stale() -> bool:
         return not shard.exists() or shard.stat().st_mtime < newest
 
     if stale():
-        cache.mkdir(parents=True, exist_ok=True)
-        # Every rank of a job (and every job on the cache) gets here at once: without the lock
-        # each built the whole shard (ImageNet: 8 copies per node of a ~100 GB write).
-        with _build_lock(shard):
+        # Without the lock every rank built the whole shard (ImageNet: 8 copies a node).
+        with build_lock(shard):
             if stale():
                 build_shard(folder, shard, max_res=SHARD_MAX_RES, quality=SHARD_QUALITY, workers=workers)
     return shard
-
-
-@contextlib.contextmanager
-def _build_lock(shard: Path) -> Iterator[None]:
-    """An exclusive flock beside `shard` for its build; the kernel drops it however the holder
-    dies. A filesystem without locks gets a warning, and the build goes on unlocked."""
-    with open(shard.with_name(f".{shard.name}.lock"), "a+") as f:
-        try:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                sys.stderr.write(f"waiting for another process building {shard}\n")
-                fcntl.flock(f, fcntl.LOCK_EX)
-        except OSError as e:
-            sys.stderr.write(f"warning: {shard.parent} cannot be locked ({e.strerror}); "
-                             "processes that start together each build the shard\n")
-        yield
 
 
 def ffcv_threads(workers: int | None) -> int:

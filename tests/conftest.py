@@ -47,6 +47,12 @@ def photo_train(photo_root: Path) -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """What loaders keep (FFCV shards of folders, DALI's scans) goes to a temporary cache, not ~/.cache."""
+    os.environ["MVEB_CACHE_DIR"] = str(tmp_path_factory.mktemp("mveb-cache"))
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _quiet_threads() -> None:
     # Two cores here: keep torch from oversubscribing when loaders spawn workers.
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

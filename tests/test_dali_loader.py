@@ -8,6 +8,9 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,8 +21,10 @@ from PIL import Image
 
 from mveb.errors import UsageError
 from pipeline.batch import MultiCropBatch
+from pipeline.cache import cache_dir, cache_name
 from pipeline.dali_graph import DALITuning
 from pipeline.dali_loader import DALIMultiCropLoader
+from pipeline.demo_photos import build_photo_folder
 from pipeline.images import list_image_folder, open_rgb
 from pipeline.recipe import MultiCropRecipe
 from pipeline.validate import validate
@@ -311,6 +316,41 @@ def test_validation_report_spares_the_decode_while_it_matches_the_folder(photo_t
     # ... until the folder no longer holds the files it describes.
     shutil.copy(first, root / "china" / "new.jpg")
     assert DALIMultiCropLoader(root, TINY, 4).skipped == []
+
+
+def test_a_scan_is_kept_and_believed_until_the_folder_changes(photo_train: Path, tmp_path: Path) -> None:
+    """Without `mveb validate`'s report, the first loader decodes the folder and keeps what it
+    found; the next one (another rank, a requeued job) reads that instead of decoding again."""
+    root = tmp_path / "data"
+    shutil.copytree(photo_train / "china", root / "china")
+    assert DALIMultiCropLoader(root, TINY, 4).skipped == []
+    (kept,) = cache_dir("validate").glob(f"{cache_name(root.resolve())}.validate.json")
+    verdict = json.loads(kept.read_text())
+    first = sorted(root.glob("*/*.jpg"))[0]
+    verdict["bad"] = [{"path": str(first), "reason": "marked bad by hand"}]
+    kept.write_text(json.dumps(verdict))
+    assert DALIMultiCropLoader(root, TINY, 4).skipped == [(str(first), "marked bad by hand")]
+    time.sleep(0.01)  # a new file changes the class folder's mtime: the kept scan is stale
+    shutil.copy(first, root / "china" / "new.jpg")
+    assert DALIMultiCropLoader(root, TINY, 4).skipped == []
+
+
+@pytest.mark.slow
+def test_ranks_starting_together_scan_the_folder_once(tmp_path: Path) -> None:
+    """Each process reports the inode of the kept scan it got; a second scan would have
+    replaced the file, so all must be the final one."""
+    # ImageNet-size photos, so the scan (seconds) outlasts the processes' start-up differences.
+    root = build_photo_folder(tmp_path / "photos", per_class_train=16, per_class_val=0, side=500) / "train"
+    code = ("import os, sys; from pipeline.cache import cache_dir, cache_name; "
+            "from pipeline.dali_loader import resolve_dali_samples; from pathlib import Path; "
+            "resolve_dali_samples(sys.argv[1], 1); "
+            "print(os.stat(cache_dir('validate') / f'{cache_name(Path(sys.argv[1]).resolve())}.validate.json').st_ino)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    (kept,) = cache_dir("validate").glob(f"{cache_name(root.resolve())}.validate.json")
+    assert [int(out) for out, _ in results] == [kept.stat().st_ino] * 3
 
 
 def test_paths_with_spaces(tmp_path: Path, indexed: list[tuple[str, int]]) -> None:
