@@ -65,6 +65,10 @@ def cached_shard(folder: str | Path, cache_dir: str | Path | None = None, worker
         # Without the lock every rank built the whole shard (ImageNet: 8 copies a node).
         with build_lock(shard):
             if stale():
+                # A build SIGKILLed (SLURM after the grace time) leaves its temporary file, as
+                # large as the shard; holding the lock, no other build is using one.
+                for leftover in cache.glob(f".{shard.name}.tmp-*"):
+                    leftover.unlink(missing_ok=True)
                 build_shard(folder, shard, max_res=SHARD_MAX_RES, quality=SHARD_QUALITY, workers=workers)
     return shard
 

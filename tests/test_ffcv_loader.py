@@ -19,8 +19,9 @@ from ffcv.reader import Reader
 from mveb.errors import UsageError
 from pipeline.batch import MultiCropBatch, MultiCropLoader
 from pipeline.demo_photos import build_photo_folder
-from pipeline.ffcv_loader import FFCVMultiCropLoader
-from pipeline.recipe import MultiCropRecipe
+from pipeline.cache import cache_name
+from pipeline.ffcv_loader import SHARD_QUALITY, FFCVMultiCropLoader
+from pipeline.recipe import SHARD_MAX_RES, MultiCropRecipe
 from pipeline.shards import build_shard
 from pipeline.torch_loader import TorchMultiCropLoader
 
@@ -176,7 +177,11 @@ def test_more_workers_than_cpus_run_with_the_cpus_there_are(ffcv_shard: Path,
 
 @pytest.mark.slow
 def test_image_folder_is_sharded_once_into_the_cache(photo_train: Path, tmp_path: Path) -> None:
+    name = cache_name(photo_train.resolve(), SHARD_MAX_RES, SHARD_QUALITY)
+    killed = tmp_path / f".{name}.beton.tmp-99999"  # what a SIGKILLed build leaves
+    killed.write_bytes(b"\0" * 4096)
     ld = FFCVMultiCropLoader(photo_train, RECIPE, 8, cache_dir=tmp_path)
+    assert not killed.exists()
     shards = list(tmp_path.glob("*.beton"))
     assert shards == [ld.path] and ld.num_samples == sum(1 for _ in photo_train.rglob("*.jpg"))
     stamp = ld.path.stat().st_mtime_ns
