@@ -22,6 +22,7 @@ from train.checkpoint import latest_checkpoint, load_checkpoint
 from train.config import get_config
 from train.distributed import DistInfo
 from train.pretrain import pretrain
+from train.report import render_report
 from train.step import Trainer
 
 # 16 photos, batch 4: 4 steps per epoch, 12 in the schedule (1 warmup epoch).
@@ -133,6 +134,23 @@ def test_cli_steps_2_then_3_continues(uninterrupted: Path, tiny_train: Path, tmp
     _assert_same_run(_metrics(uninterrupted)[:3], records)
 
 
+def test_knn_monitor_logs_at_epoch_ends_and_leaves_training_unchanged(uninterrupted: Path, tiny_train: Path,
+                                                                       tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    val = tiny_train.parent / "val"
+    pretrain(_cfg(tiny_train, run, f"schedule.steps={STEPS}", "monitor.knn_every_epochs=1",
+                  f"monitor.knn_train={tiny_train}", f"monitor.knn_val={val}"))
+    records = _metrics(run)
+    knn = [r for r in records if "knn_top1" in r]
+    assert [r["step"] for r in knn] == [4, STEPS]  # the end of epoch 1 (4 steps an epoch) and of the run
+    assert all(0 <= r["knn_top1"] <= r["knn_top5"] <= 100 and set(r) == {"step", "epoch", "knn_top1", "knn_top5"}
+               for r in knn)
+    # Its RNG draws are put back and its extra checkpoint changes nothing: the same training.
+    _assert_same_run(_metrics(uninterrupted), [r for r in records if "loss" in r])
+    assert (run / "checkpoints" / "step_00000004.pt").exists()  # saved before the monitor ran
+    assert any(p.name == "knn.png" for p in render_report(run))
+
+
 @pytest.mark.parametrize("argv,message", [
     (["optim.no_such_key=1"], "unknown config key 'optim.no_such_key'"),
     (["--data", "/no/such/folder"], "does not exist"),
@@ -143,6 +161,8 @@ def test_cli_steps_2_then_3_continues(uninterrupted: Path, tiny_train: Path, tmp
     (["loss.entropy_batch=global", "loss.impl=reference"], "needs loss.impl auto, torch or triton"),
     (["data.dali_tuning=prefetch=2"], "given for the torch loader; it applies to dali only"),
     (["data.loader=dali", "data.dali_tuning=prefetch=0"], "prefetch must be at least 1"),
+    (["monitor.knn_every_epochs=5"], "monitor.knn_train='': the kNN monitor needs a labelled ImageFolder"),
+    (["monitor.knn_every_epochs=-1"], "monitor.knn_every_epochs must be 0 (off) or more"),
 ])
 def test_bad_config_is_one_line(argv: list[str], message: str, tiny_train: Path, tmp_path: Path,
                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -110,6 +110,17 @@ class RunConfig:
 
 
 @dataclass
+class MonitorConfig:
+    # kNN top-1/top-5 (k=200, T=0.1, centre crops at the global view size) of the online
+    # backbone every this many epochs and at the end, into metrics.jsonl; 0 = off. Rank 0
+    # computes it while the others wait, under the process group timeout: keep the two sets
+    # small (tens of images per class), not all of ImageNet.
+    knn_every_epochs: int = 0
+    knn_train: str = ""  # labelled ImageFolder or .beton: the memory bank
+    knn_val: str = ""  # labelled ImageFolder or .beton: scored against it
+
+
+@dataclass
 class DistConfig:
     backend: str = "auto"  # auto (nccl on GPUs, gloo on CPU) | nccl | gloo
     timeout_minutes: float = 30.0
@@ -124,6 +135,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -192,6 +204,13 @@ def check_config(cfg: Config, world_size: int) -> None:
         raise UsageError(f"loss.entropy_batch={cfg.loss.entropy_batch!r}; use local (per GPU) or global (all GPUs)")
     if cfg.loss.entropy_batch == "global" and cfg.loss.impl.startswith("reference"):
         raise UsageError(f"loss.entropy_batch=global needs loss.impl auto, torch or triton, not {cfg.loss.impl}")
+    m = cfg.monitor
+    if m.knn_every_epochs < 0:
+        raise UsageError(f"monitor.knn_every_epochs must be 0 (off) or more, got {m.knn_every_epochs}")
+    if m.knn_every_epochs:
+        for key, path in (("monitor.knn_train", m.knn_train), ("monitor.knn_val", m.knn_val)):
+            if not path or not Path(path).exists():
+                raise UsageError(f"{key}={path!r}: the kNN monitor needs a labelled ImageFolder or .beton there")
     r = cfg.run.resume
     if r not in ("auto", "none") and not Path(r).is_file():
         raise UsageError(f"--resume {r}: no such checkpoint; pass auto, none or a checkpoint file")

@@ -28,6 +28,7 @@ from pipeline.loaders import build_loader
 from .checkpoint import latest_checkpoint, load_checkpoint, load_latest, save_checkpoint
 from .config import Config, check_config
 from .distributed import DistInfo, cleanup_distributed, init_distributed, planned_world_size
+from .knn import backbone_knn
 from .metrics import MetricsLog
 from .preemption import PreemptionFlag
 from .run_lock import hold_run_folder
@@ -83,7 +84,7 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
     log = MetricsLog(run_dir, step, cfg.run.tensorboard) if dist.is_main else None
     bar = tqdm(total=stop, initial=step, unit="step", dynamic_ncols=True, disable=not (dist.is_main and cfg.run.progress))
     last_loss = None
-    last_save_time, saved = time.monotonic(), True
+    last_save_time, saved, saved_step = time.monotonic(), True, step
     window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
     with PreemptionFlag() as preemption:
         preempted = False
@@ -120,7 +121,7 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
                 preempted, due = _agree(dist, flag_group, preemption.requested, due)
                 if due or preempted or step == stop:
                     saved = _save(run_dir, trainer, loader, step, steps_per_epoch, cfg, dist, flag_group)
-                    last_save_time = time.monotonic()
+                    last_save_time, saved_step = time.monotonic(), step
                 if preempted:
                     break
             close = getattr(batches, "close", None)
@@ -128,6 +129,13 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
                 close()  # leaves the loader's position at the last batch handed out
             if not got_batch and step < stop and not preempted:
                 raise RuntimeError(f"the {cfg.data.loader} loader yielded no batch for epoch {step // steps_per_epoch}")
+            every = cfg.monitor.knn_every_epochs
+            if every and not preempted and (step == stop or (step % steps_per_epoch == 0
+                                                            and (step // steps_per_epoch) % every == 0)):
+                if saved_step != step:  # a kill during the monitor (minutes) then loses no training
+                    saved = _save(run_dir, trainer, loader, step, steps_per_epoch, cfg, dist, flag_group)
+                    last_save_time, saved_step = time.monotonic(), step
+                _knn_monitor(cfg, trainer, dist, flag_group, log, step, steps_per_epoch)
     bar.close()
     if log is not None:
         log.close()
@@ -199,6 +207,25 @@ def _record(out: dict[str, Any], step: int, steps_per_epoch: int, trainer: Train
     return {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss, "align": align, "entropy": entropy,
             "lr": out["lr"], "momentum": out["momentum"], "samples_per_s": steps_per_s * trainer.global_batch,
             "data_wait_fraction": wait_fraction, "skipped_steps": trainer.skipped_steps}
+
+
+def _knn_monitor(cfg: Config, trainer: Trainer, dist: DistInfo, flag_group: Any, log: MetricsLog | None, step: int,
+                 steps_per_epoch: int) -> None:
+    """kNN accuracy of the online backbone, computed on rank 0 while the other ranks wait, logged
+    as its own record. The RNG states are put back, so a monitored run trains as an unmonitored one."""
+    if dist.is_main:
+        rng = _rng_state()
+        m = cfg.monitor
+        result = backbone_knn(trainer.online.backbone, m.knn_train, m.knn_val, cfg.data.recipe().global_size,
+                              device=dist.device, workers=cfg.data.workers)
+        _set_rng(rng)
+        epoch = round(step / steps_per_epoch, 4)
+        if log is not None:
+            log.write({"step": step, "epoch": epoch, "knn_top1": result["top1"], "knn_top5": result["top5"]})
+        tqdm.write(f"epoch {epoch:g} (step {step}): kNN top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% "
+                   f"({result['n_val']} val against {result['n_train']})", file=sys.stderr)
+    if dist.is_distributed:
+        torch_dist.barrier(group=flag_group)
 
 
 def _save(run_dir: Path, trainer: Trainer, loader: Any, step: int, steps_per_epoch: int, cfg: Config,

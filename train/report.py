@@ -1,4 +1,4 @@
-"""`mveb report`: PNG plots of a run's metrics.jsonl (loss terms, schedules, throughput, data wait)."""
+"""`mveb report`: PNG plots of a run's metrics.jsonl (loss terms, schedules, throughput, data wait, kNN)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ FIGURES: dict[str, tuple[tuple[str, str], ...]] = {
     "schedule": (("lr", "learning rate"), ("momentum", "EMA momentum")),
     "throughput": (("samples_per_s", "samples / s"),),
     "data_wait": (("data_wait_fraction", "fraction of step time waiting for data"),),
+    "knn": (("knn_top1", "kNN top-1 %"), ("knn_top5", "kNN top-5 %")),
 }
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Records of a metrics.jsonl, by step; a resumed run's repeated steps keep the newest record.
+    """Records of a metrics.jsonl, by step; the records of one step (training, kNN monitor) are
+    merged, and a resumed run's repeated steps keep the newest values.
 
     Unreadable lines (a process killed mid-write) are skipped and counted on stderr.
     """
@@ -35,7 +37,7 @@ def read_metrics(path: str | Path) -> list[dict]:
             continue
         try:
             record = json.loads(line)
-            by_step[int(record["step"])] = record
+            by_step.setdefault(int(record["step"]), {}).update(record)
         except (ValueError, KeyError, TypeError):
             bad += 1
     if bad:
