@@ -151,6 +151,15 @@ def test_knn_monitor_logs_at_epoch_ends_and_leaves_training_unchanged(uninterrup
     assert any(p.name == "knn.png" for p in render_report(run))
 
 
+def test_a_runs_config_json_repeats_the_run(uninterrupted: Path, tiny_train: Path, tmp_path: Path) -> None:
+    run = tmp_path / "again"
+    assert main(["pretrain", "--config", str(uninterrupted / "config.json"), "--data", str(tiny_train),
+                 "--out", str(run), "--steps", "3"]) == 0
+    _assert_same_run(_metrics(uninterrupted)[:3], _metrics(run))
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["run"]["out"] == str(run) and saved["model"] == json.loads((uninterrupted / "config.json").read_text())["model"]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["optim.no_such_key=1"], "unknown config key 'optim.no_such_key'"),
     (["--data", "/no/such/folder"], "does not exist"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing as mp
 import os
@@ -286,6 +287,32 @@ def test_presets_and_overrides() -> None:
 def test_bad_overrides_are_usage_errors(override: str, message: str) -> None:
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
         get_config("demo", [override])
+
+
+def test_a_runs_config_json_is_a_config_to_override(tmp_path: Path) -> None:
+    cfg = get_config("demo", ["optim.base_lr=0.7", "data.augment=flip_p=0", "monitor.knn_every_epochs=3"])
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(cfg.to_dict()))
+    assert get_config(str(saved)) == cfg
+    assert get_config(str(saved), ["optim.base_lr=0.1"]).optim.base_lr == 0.1
+    old = cfg.to_dict()
+    del old["monitor"]  # a run saved before the group existed keeps the defaults for it
+    saved.write_text(json.dumps(old))
+    assert get_config(str(saved)).monitor.knn_every_epochs == 0
+
+
+@pytest.mark.parametrize("text,message", [
+    (None, "No such file or directory"),
+    ("{not json", "is not JSON"),
+    ("[1, 2]", "is not a run's config.json"),
+    ('{"optim": {"lr": 1}}', "unknown config key 'optim.lr'"),
+])
+def test_a_bad_config_json_is_a_usage_error(text: str | None, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        get_config(str(path))
 
 
 def test_augment_override_sets_any_recipe_field_and_round_trips() -> None:

@@ -10,7 +10,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("pretrain", help="MVEB pretraining (single process, or one rank under SLURM/torchrun)",
                        formatter_class=fmt)
-    p.add_argument("--config", default="imagenet_rn50", choices=["imagenet_rn50", "demo"], help="recipe preset")
+    p.add_argument("--config", default="imagenet_rn50",
+                   help="recipe preset (imagenet_rn50, demo) or a run's config.json, to repeat or extend that run")
     p.add_argument("--data", required=True, help="ImageFolder root or .beton shard")
     p.add_argument("--out", required=True, help="run folder; rerunning resumes from its newest checkpoint")
     p.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps in total")

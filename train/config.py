@@ -7,6 +7,7 @@ round-trips through JSON (Config.to_dict / from_dict) and is saved in the run fo
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,15 +218,33 @@ def check_config(cfg: Config, world_size: int) -> None:
 
 
 def get_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    if preset not in PRESETS:
-        raise UsageError(f"unknown config preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    cfg = PRESETS[preset]()
+    """A preset by name, or a run's saved config.json (to repeat or extend that run exactly), then
+    the `key=value` overrides in order."""
+    if preset.endswith(".json"):
+        cfg = _config_file(Path(preset))
+    elif preset in PRESETS:
+        cfg = PRESETS[preset]()
+    else:
+        raise UsageError(f"unknown config preset {preset!r}; choose one of {', '.join(PRESETS)} "
+                         "or a run's config.json")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise UsageError(f"config override {item!r} is not key=value (e.g. optim.base_lr=0.5)")
         _set(cfg, key.strip(), value.strip())
     return cfg
+
+
+def _config_file(path: Path) -> Config:
+    try:
+        d = json.loads(path.read_text())
+    except OSError as e:
+        raise UsageError(f"--config {path}: {e.strerror}") from None
+    except ValueError:
+        raise UsageError(f"--config {path} is not JSON; pass a run's config.json or a preset name") from None
+    if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
+        raise UsageError(f"--config {path} is not a run's config.json (groups of fields, as pretrain writes it)")
+    return Config.from_dict(d)
 
 
 def _resolve(cfg: Config, key: str) -> tuple[Any, str]:
