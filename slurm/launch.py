@@ -62,7 +62,9 @@ def train_parser() -> argparse.ArgumentParser:
     batch = p.add_mutually_exclusive_group()
     batch.add_argument("--batch-size", type=int, default=None, help="global batch, split over all tasks")
     batch.add_argument("--batch-per-gpu", type=int, default=None, help="batch per task (default: the preset's)")
-    p.add_argument("--config", default="imagenet_rn50", help="recipe preset from train/config.py (imagenet_rn50, demo)")
+    p.add_argument("--config", default="imagenet_rn50",
+                   help="recipe preset from train/config.py (imagenet_rn50, demo), or a run's config.json: its "
+                        "data and run folder unless --data/--out say otherwise")
     p.add_argument("--data", default=None, help="ImageFolder root or .beton shard, as seen from the compute nodes")
     p.add_argument("--out", default=None, help="run folder on a shared filesystem (default: the preset's run.out)")
     _add_cluster_args(p, cpus_per_task=10, time="72:00:00")
@@ -181,7 +183,9 @@ def launch_training(a: argparse.Namespace) -> int:
     from mveb.files import write_atomic
     from train.config import check_config, get_config
 
-    res = _cluster_resources(a, f"mveb-{a.config}", nodes=a.nodes, gpus_per_node=a.gpus_per_node,
+    # A run's config.json names the job after its run folder.
+    name = Path(a.config).parent.name if a.config.endswith(".json") else a.config
+    res = _cluster_resources(a, f"mveb-{name}", nodes=a.nodes, gpus_per_node=a.gpus_per_node,
                              tasks_per_node=a.tasks_per_node)
     cfg = get_config(a.config, a.overrides)
     if a.data is not None:

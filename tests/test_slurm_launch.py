@@ -51,6 +51,21 @@ def test_dry_run_cpu_tasks(capsys: pytest.CaptureFixture[str]) -> None:
     assert "global batch 64" in out
 
 
+def test_dry_run_from_a_runs_config_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run's saved config resubmits it: its data, folder and settings, named after the folder."""
+    from train.config import get_config
+
+    run = tmp_path / "rn50_long"
+    run.mkdir()
+    cfg = get_config("demo", [f"data.path={tmp_path}", f"run.out={run}", "optim.base_lr=0.6"])
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    assert main(["--gpus-per-node", "0", "--tasks-per-node", "2", "--config", str(run / "config.json"),
+                 "schedule.epochs=50", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --job-name=mveb-rn50_long\n" in out and f"run folder: {run}" in out
+    assert "lr: 0.6 x 64 / 256 = 0.15" in out
+
+
 def test_dry_run_shards_is_one_cpu_task(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["shards", "--src", str(tmp_path), "--out", str(tmp_path / "train.beton"), "--dry-run"]) == 0
     out = capsys.readouterr().out
