@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -149,6 +150,36 @@ def test_knn_monitor_logs_at_epoch_ends_and_leaves_training_unchanged(uninterrup
     _assert_same_run(_metrics(uninterrupted), [r for r in records if "loss" in r])
     assert (run / "checkpoints" / "step_00000004.pt").exists()  # saved before the monitor ran
     assert any(p.name == "knn.png" for p in render_report(run))
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_knn_monitor_is_a_clean_preemption(tiny_train: Path, tmp_path: Path) -> None:
+    """SLURM signals the whole process group: the monitor's loader worker must not die of it, and
+    the trainer stops at the next step boundary as for any preemption."""
+    bank = build_photo_folder(tmp_path / "bank", per_class_train=16, per_class_val=0, side=500) / "train"
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mveb", "pretrain", "--config", "demo", "--data", str(tiny_train), "--out", str(run),
+           "--steps", str(STEPS), *TINY, "data.workers=1", "monitor.knn_every_epochs=1",
+           f"monitor.knn_train={bank}", f"monitor.knn_val={bank}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while "features train" not in "".join(err):  # the monitor's progress bar: its loader is starting
+        assert proc.poll() is None, "".join(err)[-3000:]
+        assert time.monotonic() < deadline, "the monitor never started"
+        time.sleep(0.02)
+    time.sleep(0.5)  # its worker process is running
+    os.killpg(proc.pid, signal.SIGTERM)  # torch's workers die of SIGTERM (not of SIGUSR2, whose handler they inherit)
+    out = proc.stdout.read()
+    proc.wait(timeout=300)
+    reader.join(timeout=10)
+    assert proc.returncode == 0, "".join(err)[-3000:]
+    assert "preempted" in out
+    records = _metrics(run)
+    assert [r["step"] for r in records if "knn_top1" in r] == [4]  # it finished, then the run stopped
+    assert load_checkpoint(latest_checkpoint(run))["step"] == 5
 
 
 def test_a_runs_config_json_repeats_the_run(uninterrupted: Path, tiny_train: Path, tmp_path: Path) -> None:

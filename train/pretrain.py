@@ -212,12 +212,17 @@ def _record(out: dict[str, Any], step: int, steps_per_epoch: int, trainer: Train
 def _knn_monitor(cfg: Config, trainer: Trainer, dist: DistInfo, flag_group: Any, log: MetricsLog | None, step: int,
                  steps_per_epoch: int) -> None:
     """kNN accuracy of the online backbone, computed on rank 0 while the other ranks wait, logged
-    as its own record. The RNG states are put back, so a monitored run trains as an unmonitored one."""
+    as its own record. The RNG states are put back, so a monitored run trains as an unmonitored one.
+
+    SLURM signals every process of the job, so the monitor's loader workers must not see
+    SIGTERM/SIGUSR2: the signals are held while it runs and handled at the next step boundary,
+    which is why the monitor must stay well inside SLURM's signal lead (120 s)."""
     if dist.is_main:
         rng = _rng_state()
         m = cfg.monitor
-        result = backbone_knn(trainer.online.backbone, m.knn_train, m.knn_val, cfg.data.recipe().global_size,
-                              device=dist.device, workers=cfg.data.workers)
+        with PreemptionFlag.shield_children():
+            result = backbone_knn(trainer.online.backbone, m.knn_train, m.knn_val, cfg.data.recipe().global_size,
+                                  device=dist.device, workers=cfg.data.workers)
         _set_rng(rng)
         epoch = round(step / steps_per_epoch, 4)
         if log is not None:
