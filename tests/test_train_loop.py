@@ -129,7 +129,11 @@ def test_cli_steps_2_then_3_continues(uninterrupted: Path, tiny_train: Path, tmp
     args = ["pretrain", "--config", "demo", "--data", str(tiny_train), "--out", str(run), *TINY]
     assert main(args[:1] + ["--steps", "2"] + args[1:]) == 0
     assert main(args[:1] + ["--steps", "3"] + args[1:]) == 0
-    assert "step 3" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "step 3" in out
+    # The plan, before the first step: 16 photos, batch 4, demo base LR 16, 3 epochs.
+    assert ("1 process(es) x batch 4 = global batch 4; lr 0.25 (16 x 4 / 256); 3 epochs x 4 steps = 12 "
+            "(warmup 4), this run to step 3; resnet18, torch loader, cpu fp32") in err
     records = _metrics(run)
     assert [r["step"] for r in records] == [1, 2, 3]  # 3 continues, nothing repeated
     _assert_same_run(_metrics(uninterrupted)[:3], records)

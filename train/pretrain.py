@@ -81,6 +81,14 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
 
     flag_group = _flag_group(dist)
     stop = min(cfg.schedule.steps or trainer.total_steps, trainer.total_steps)
+    if dist.is_main:
+        precision = str(trainer.amp).removeprefix("torch.") if trainer.amp is not None else "fp32"
+        sys.stderr.write(
+            f"{dist.world_size} process(es) x batch {cfg.data.batch_size} = global batch {trainer.global_batch}; "
+            f"lr {trainer.peak_lr:g} ({cfg.optim.base_lr:g} x {trainer.global_batch} / 256); "
+            f"{cfg.schedule.epochs} epochs x {steps_per_epoch} steps = {trainer.total_steps} "
+            f"(warmup {trainer.warmup_steps}), this run to step {stop}; {cfg.model.arch}, "
+            f"{cfg.data.loader} loader, {dist.device.type} {precision}; run folder {run_dir}\n")
     log = MetricsLog(run_dir, step, cfg.run.tensorboard) if dist.is_main else None
     bar = tqdm(total=stop, initial=step, unit="step", dynamic_ncols=True, disable=not (dist.is_main and cfg.run.progress))
     last_loss = None
