@@ -140,7 +140,8 @@ def test_cli_steps_2_then_3_continues(uninterrupted: Path, tiny_train: Path, tmp
 
 
 def test_knn_monitor_logs_at_epoch_ends_and_leaves_training_unchanged(uninterrupted: Path, tiny_train: Path,
-                                                                       tmp_path: Path) -> None:
+                                                                       tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     val = tiny_train.parent / "val"
     pretrain(_cfg(tiny_train, run, f"schedule.steps={STEPS}", "monitor.knn_every_epochs=1",
@@ -154,6 +155,8 @@ def test_knn_monitor_logs_at_epoch_ends_and_leaves_training_unchanged(uninterrup
     _assert_same_run(_metrics(uninterrupted), [r for r in records if "loss" in r])
     assert (run / "checkpoints" / "step_00000004.pt").exists()  # saved before the monitor ran
     assert any(p.name == "knn.png" for p in render_report(run))
+    err = capsys.readouterr().err  # one line per monitor; no progress bars under run.progress=false
+    assert err.count("kNN top-1") == 2 and "features" not in err
 
 
 @pytest.mark.slow
@@ -163,7 +166,7 @@ def test_a_signal_during_the_knn_monitor_is_a_clean_preemption(tiny_train: Path,
     bank = build_photo_folder(tmp_path / "bank", per_class_train=16, per_class_val=0, side=500) / "train"
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "mveb", "pretrain", "--config", "demo", "--data", str(tiny_train), "--out", str(run),
-           "--steps", str(STEPS), *TINY, "data.workers=1", "monitor.knn_every_epochs=1",
+           "--steps", str(STEPS), *TINY, "data.workers=1", "run.progress=true", "monitor.knn_every_epochs=1",
            f"monitor.knn_train={bank}", f"monitor.knn_val={bank}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     err: list[str] = []

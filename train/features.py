@@ -285,8 +285,10 @@ class Features:
 
 
 def extract_features(backbone: nn.Module, source: str | Path, image_size: int, batch_size: int,
-                     device: torch.device, normalize: bool = True, workers: int | None = None) -> Features:
-    """Centre-crop features of every image of a labelled set, in file order, with a progress bar.
+                     device: torch.device, normalize: bool = True, workers: int | None = None,
+                     progress: bool = True) -> Features:
+    """Centre-crop features of every image of a labelled set, in file order, with a progress bar
+    unless `progress` is off (the trainer's run.progress=false, for SLURM logs).
 
     The backbone runs in eval mode and is handed back in the mode it came in, so the trainer's
     periodic kNN monitor can pass its live online backbone.
@@ -298,7 +300,8 @@ def extract_features(backbone: nn.Module, source: str | Path, image_size: int, b
     backbone = prepare(backbone, device)
     feats, labels = [], []
     try:
-        with tqdm(total=images.num_images, desc=f"features {images.path.name}", unit="img", leave=False) as bar:
+        with tqdm(total=images.num_images, desc=f"features {images.path.name}", unit="img", leave=False,
+                  disable=not progress) as bar:
             for x, y in images:
                 f = embed(backbone, x, device)
                 feats.append((F.normalize(f, dim=1) if normalize else f).cpu())

@@ -60,11 +60,11 @@ def knn_eval(train_feats: Tensor, train_labels: Tensor, val_feats: Tensor, val_l
 
 def backbone_knn(backbone: torch.nn.Module, train: str | Path, val: str | Path, image_size: int = 224,
                  batch_size: int = 256, device: torch.device | str = "cpu", k: int = K, T: float = TEMPERATURE,
-                 workers: int | None = None) -> dict:
+                 workers: int | None = None, progress: bool = True) -> dict:
     """kNN accuracy of a backbone: `train` is the memory bank, `val` is scored (the demo's and monitor's call)."""
     device = torch.device(device)
-    bank = extract_features(backbone, train, image_size, batch_size, device, workers=workers)
-    queries = extract_features(backbone, val, image_size, batch_size, device, workers=workers)
+    bank = extract_features(backbone, train, image_size, batch_size, device, workers=workers, progress=progress)
+    queries = extract_features(backbone, val, image_size, batch_size, device, workers=workers, progress=progress)
     check_same_classes(bank.classes, bank.num_classes, queries, str(train), str(val))
     result = knn_eval(bank.feats.to(device), bank.labels, queries.feats, queries.labels, k=k, T=T,
                       num_classes=bank.num_classes)

@@ -230,7 +230,7 @@ def _knn_monitor(cfg: Config, trainer: Trainer, dist: DistInfo, flag_group: Any,
         m = cfg.monitor
         with PreemptionFlag.shield_children():
             result = backbone_knn(trainer.online.backbone, m.knn_train, m.knn_val, cfg.data.recipe().global_size,
-                                  device=dist.device, workers=cfg.data.workers)
+                                  device=dist.device, workers=cfg.data.workers, progress=cfg.run.progress)
         _set_rng(rng)
         epoch = round(step / steps_per_epoch, 4)
         if log is not None:
