@@ -32,15 +32,16 @@ def cache_name(folder: Path, *settings: object) -> str:
 def build_lock(target: Path) -> Iterator[None]:
     """An exclusive flock beside `target` while it is built; the kernel drops it however the
     holder dies. A filesystem without locks gets a warning, and the build goes on unlocked."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.with_name(f".{target.name}.lock"), "a+") as f:
+    with contextlib.ExitStack() as stack:
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            f = stack.enter_context(open(target.with_name(f".{target.name}.lock"), "a+"))
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 sys.stderr.write(f"waiting for another process building {target}\n")
                 fcntl.flock(f, fcntl.LOCK_EX)
-        except OSError as e:
+        except OSError as e:  # no locks there, or a read-only or full cache
             sys.stderr.write(f"warning: {target.parent} cannot be locked ({e.strerror}); "
                              "processes that start together each build it\n")
         yield

@@ -35,12 +35,12 @@ from mveb.errors import UsageError
 from mveb.files import write_atomic
 
 from .batch import MultiCropBatch, check_loader_args
-from .cache import build_lock, cache_dir, cache_name
+from .cache import build_lock
 from .dali_graph import OUTPUT_DTYPES, DALITuning, build_pipeline, stacks_locals
 from .images import Sample, list_image_folder, usable_cpus
 from .recipe import MultiCropRecipe
 from .torch_loader import resolve_samples
-from .validate import scan
+from .validate import kept_report, scan
 
 DataSource = str | Path | Sequence[Sample]
 
@@ -84,7 +84,7 @@ def resolve_dali_samples(data: DataSource, workers: int) -> tuple[list[Sample], 
     _, samples = list_image_folder(data)
     src = Path(data).resolve()
     beside = src.parent / f"{src.name}.validate.json"
-    kept = cache_dir("validate") / f"{cache_name(src)}.validate.json"
+    kept = kept_report(src)
     # A file added, removed or renamed changes its class folder's mtime; the kept scan is
     # then redone (`mveb validate`'s own report is believed while the file count matches).
     newest = max([src.stat().st_mtime] + [e.stat().st_mtime for e in os.scandir(src) if e.is_dir()])
@@ -101,8 +101,8 @@ def resolve_dali_samples(data: DataSource, workers: int) -> tuple[list[Sample], 
         result = scan(data, workers)
         try:
             write_atomic(kept, json.dumps(result.report(), indent=1) + "\n")
-        except OSError as e:
-            sys.stderr.write(f"warning: the scan of {src} is not kept ({e.strerror or e}); the next start scans again\n")
+        except UsageError as e:  # a full or read-only cache: this start goes on without it
+            sys.stderr.write(f"warning: the scan of {src} is not kept ({e}); the next start scans again\n")
     return result.good, result.bad
 
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from mveb.errors import UsageError
 from mveb.files import write_atomic
 
+from .cache import cache_dir, cache_name
 from .images import Sample, list_image_folder, usable_cpus, why_undecodable
 
 
@@ -86,13 +87,28 @@ def read_fix_list(path: str | Path, root: str | Path) -> list[Sample]:
     return samples
 
 
+def kept_report(src: Path) -> Path:
+    """Where a folder's scan is kept when it is not beside the folder; the DALI loader looks here."""
+    return cache_dir("validate") / f"{cache_name(src.resolve())}.validate.json"
+
+
 def validate(src: str | Path, report: str | Path | None = None, fix_list: str | Path | None = None,
              workers: int | None = None) -> ScanResult:
     """Scan `src`, write the JSON report (and the fix-list), print a one-line summary."""
     result = scan(src, workers)
     src_path = Path(src).resolve()
-    report = Path(report) if report else src_path.parent / f"{src_path.name}.validate.json"
-    write_atomic(report, json.dumps(result.report(), indent=1) + "\n")
+    text = json.dumps(result.report(), indent=1) + "\n"
+    if report:
+        report = Path(report)
+        write_atomic(report, text)
+    else:
+        report = src_path.parent / f"{src_path.name}.validate.json"
+        try:
+            write_atomic(report, text)
+        except UsageError as e:  # a read-only dataset mount
+            report = kept_report(src_path)
+            write_atomic(report, text)
+            print(f"note: {e}; the report is kept in the cache instead, where the DALI loader reads it")
     if fix_list:
         write_atomic(fix_list, fix_list_text(result))
     print(f"{len(result.good)} decodable, {len(result.bad)} broken of {len(result.good) + len(result.bad)} files "

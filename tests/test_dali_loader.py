@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,13 +22,12 @@ from PIL import Image
 
 from mveb.errors import UsageError
 from pipeline.batch import MultiCropBatch
-from pipeline.cache import cache_dir, cache_name
 from pipeline.dali_graph import DALITuning
 from pipeline.dali_loader import DALIMultiCropLoader
 from pipeline.demo_photos import build_photo_folder
 from pipeline.images import list_image_folder, open_rgb
 from pipeline.recipe import MultiCropRecipe
-from pipeline.validate import validate
+from pipeline.validate import kept_report, validate
 
 RECIPE = MultiCropRecipe().with_views(2, 64, 2, 32)
 TINY = MultiCropRecipe().with_views(1, 24, 1, 16)
@@ -324,7 +324,7 @@ def test_a_scan_is_kept_and_believed_until_the_folder_changes(photo_train: Path,
     root = tmp_path / "data"
     shutil.copytree(photo_train / "china", root / "china")
     assert DALIMultiCropLoader(root, TINY, 4).skipped == []
-    (kept,) = cache_dir("validate").glob(f"{cache_name(root.resolve())}.validate.json")
+    kept = kept_report(root)
     verdict = json.loads(kept.read_text())
     first = sorted(root.glob("*/*.jpg"))[0]
     verdict["bad"] = [{"path": str(first), "reason": "marked bad by hand"}]
@@ -335,21 +335,51 @@ def test_a_scan_is_kept_and_believed_until_the_folder_changes(photo_train: Path,
     assert DALIMultiCropLoader(root, TINY, 4).skipped == []
 
 
+def test_validate_on_a_read_only_dataset_keeps_its_report_where_dali_reads_it(
+        photo_train: Path, small_disk: Callable[[str], Path], capsys: pytest.CaptureFixture[str]) -> None:
+    disk = small_disk("20m")
+    root = disk / "data"
+    shutil.copytree(photo_train / "china", root / "china")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)  # a read-only dataset mount
+    validate(root, workers=1)
+    assert "the report is kept in the cache instead" in capsys.readouterr().out
+    kept = kept_report(root)
+    verdict = json.loads(kept.read_text())
+    first = sorted(root.glob("*/*.jpg"))[0]
+    verdict["bad"] = [{"path": str(first), "reason": "marked bad by hand"}]
+    kept.write_text(json.dumps(verdict))
+    assert DALIMultiCropLoader(root, TINY, 4).skipped == [(str(first), "marked bad by hand")]  # read, not redone
+
+
+def test_an_unwritable_cache_costs_a_warning_not_the_loader(photo_train: Path, tmp_path: Path,
+                                                            small_disk: Callable[[str], Path],
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    cache = small_disk("1m")
+    subprocess.run(["mount", "-o", "remount,ro", str(cache)], check=True)
+    monkeypatch.setenv("MVEB_CACHE_DIR", str(cache))
+    root = tmp_path / "data"
+    shutil.copytree(photo_train / "china", root / "china")
+    loader = DALIMultiCropLoader(root, TINY, 4)
+    next(iter(loader)).check(TINY, 4)
+    err = capsys.readouterr().err
+    assert "cannot be locked (Read-only file system)" in err and "is not kept" in err
+
+
 @pytest.mark.slow
 def test_ranks_starting_together_scan_the_folder_once(tmp_path: Path) -> None:
     """Each process reports the inode of the kept scan it got; a second scan would have
     replaced the file, so all must be the final one."""
     # ImageNet-size photos, so the scan (seconds) outlasts the processes' start-up differences.
     root = build_photo_folder(tmp_path / "photos", per_class_train=16, per_class_val=0, side=500) / "train"
-    code = ("import os, sys; from pipeline.cache import cache_dir, cache_name; "
-            "from pipeline.dali_loader import resolve_dali_samples; from pathlib import Path; "
-            "resolve_dali_samples(sys.argv[1], 1); "
-            "print(os.stat(cache_dir('validate') / f'{cache_name(Path(sys.argv[1]).resolve())}.validate.json').st_ino)")
+    code = ("import os, sys; from pathlib import Path; from pipeline.dali_loader import resolve_dali_samples; "
+            "from pipeline.validate import kept_report; resolve_dali_samples(sys.argv[1], 1); "
+            "print(os.stat(kept_report(Path(sys.argv[1]))).st_ino)")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     results = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
-    (kept,) = cache_dir("validate").glob(f"{cache_name(root.resolve())}.validate.json")
+    kept = kept_report(root)
     assert [int(out) for out, _ in results] == [kept.stat().st_ino] * 3
 
 
