@@ -62,6 +62,11 @@ def cached_shard(folder: str | Path, cache_dir: str | Path | None = None, worker
         return not shard.exists() or shard.stat().st_mtime < newest
 
     if stale():
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot build the FFCV shard of {folder} in {cache} ({e.strerror}): set MVEB_CACHE_DIR "
+                             "to a writable folder, or build one with `mveb shards` and pass the .beton") from None
         # Without the lock every rank built the whole shard (ImageNet: 8 copies a node).
         with build_lock(shard):
             if stale():

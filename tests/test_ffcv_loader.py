@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +211,14 @@ def test_default_shard_keeps_imagenet_size_photos_as_sharp_as_the_reference(tmp_
     ref = _mean_gradients(TorchMultiCropLoader(photos, recipe, BATCH, workers=2, seed=0), epochs=4)
     got = _mean_gradients(FFCVMultiCropLoader(shard, recipe, BATCH, workers=2, seed=0), epochs=4)
     assert ((got / ref - 1).abs() < 0.07).all(), f"gradient ratio to the reference (global, local): {got / ref}"
+
+
+def test_a_read_only_shard_cache_is_one_line_saying_what_to_do(photo_train: Path,
+                                                               small_disk: Callable[[str], Path]) -> None:
+    cache = small_disk("1m")
+    subprocess.run(["mount", "-o", "remount,ro", str(cache)], check=True)
+    with pytest.raises(UsageError, match="Read-only file system.*set MVEB_CACHE_DIR to a writable folder"):
+        FFCVMultiCropLoader(photo_train, RECIPE, 8, cache_dir=cache / "shards")
 
 
 @pytest.mark.slow
