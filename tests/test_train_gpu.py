@@ -1,8 +1,9 @@
-"""The CUDA paths of the trainer: bf16 and fp16 steps, phase timing with CUDA events, compile."""
+"""The CUDA paths of the trainer: bf16 and fp16 steps, phase timing with CUDA events, compile, the loop with its kNN monitor."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +99,23 @@ def test_cuda_step_keeps_every_image_tensor_channels_last() -> None:
         trainer.step(batch, 1)
     assert layouts.convolutions > 3 * 20
     assert not layouts.nchw, f"ops that read or wrote NCHW image tensors: {dict(layouts.nchw)}"
+
+
+def test_cuda_pretrain_with_the_knn_monitor(photo_root: Path, tmp_path: Path) -> None:
+    """The whole loop on the GPU with bf16 steps and the kNN monitor between epochs (fp32
+    features of the live channels_last backbone, then the next bf16 step)."""
+    import json
+
+    from train.pretrain import pretrain
+
+    run = tmp_path / "run"
+    cfg = get_config("demo", SMALL + [f"data.path={photo_root / 'train'}", f"run.out={run}", "data.workers=2",
+                                      "schedule.epochs=2", "schedule.warmup_epochs=1", "run.progress=false",
+                                      "monitor.knn_every_epochs=1", f"monitor.knn_train={photo_root / 'train'}",
+                                      f"monitor.knn_val={photo_root / 'val'}"])
+    summary = pretrain(cfg)
+    per_epoch = len(list((photo_root / "train").rglob("*.jpg"))) // cfg.data.batch_size
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    knn = [r for r in records if "knn_top1" in r]
+    assert summary["step"] == 2 * per_epoch and [r["step"] for r in knn] == [per_epoch, 2 * per_epoch]
+    assert all(0 <= r["knn_top1"] <= 100 for r in knn) and math.isfinite(summary["loss"])
