@@ -37,8 +37,9 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--priority-stream", action="store_true",
                    help="also feed each loader to the step run on a high-priority CUDA stream")
     p.add_argument("--steps", type=int, default=None, help="timed steps")
-    p.add_argument("--config", default=None, choices=["imagenet_rn50", "demo"],
-                   help="model and recipe preset (default: imagenet_rn50 on CUDA, demo on CPU)")
+    p.add_argument("--config", default=None,
+                   help="model and recipe preset (imagenet_rn50, demo; default: imagenet_rn50 on CUDA, demo on "
+                        "CPU), or a run's config.json to time that run's step")
     p.add_argument("--no-official", action="store_true", help="skip the official-style baseline")
     p.add_argument("--fp16", action="store_true",
                    help="also time the step under fp16 autocast and a GradScaler (CUDA; the preset's is bf16)")

@@ -169,7 +169,10 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
     dev = resolve_device(device)
     on_gpu = dev.type == "cuda"
     cfg = get_config(config or ("imagenet_rn50" if on_gpu else "demo"), ["run.progress=false", *overrides])
-    cfg.data.batch_size = batch_size if batch_size is not None else (256 if on_gpu else 8)
+    if batch_size is not None:
+        cfg.data.batch_size = batch_size
+    elif not (config or "").endswith(".json"):  # a run's config times that run's batch
+        cfg.data.batch_size = 256 if on_gpu else 8
     steps = steps if steps is not None else (30 if on_gpu else 4)
     warmup = 10 if on_gpu else 2
     real = [b for b in loaders if b != "synthetic"]

@@ -56,6 +56,16 @@ def test_step_bench_compile_feeds_the_loader_to_the_compiled_step(photo_train: P
     assert compiled["skipped_steps"] == 0
 
 
+def test_step_bench_times_a_runs_own_config(tmp_path: Path) -> None:
+    from train.config import get_config
+
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(get_config("demo", ["data.batch_size=4", "data.n_local=0"]).to_dict()))
+    report = bench_step("cpu", steps=1, official=False, config=str(saved))
+    assert [r["batch_size"] for r in report["results"]] == [4]  # the run's batch, not the bench default 8
+    assert report["recipe"]["n_local"] == 0
+
+
 @pytest.mark.slow
 def test_bench_all_parts_run_apart_and_merge(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`bench all` split over two calls (as a GPU host's time limit per call may need) gives one
