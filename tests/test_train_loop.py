@@ -159,6 +159,17 @@ def test_knn_monitor_logs_at_epoch_ends_and_leaves_training_unchanged(uninterrup
     assert err.count("kNN top-1") == 2 and "features" not in err
 
 
+def test_a_failing_knn_monitor_warns_and_training_goes_on(tiny_train: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # Sets that only fail once read (other class folders): found at the first monitor, hours in.
+    other = build_photo_folder(tmp_path / "other", per_class_train=2, per_class_val=0, side=48, classes=3) / "train"
+    summary = pretrain(_cfg(tiny_train, tmp_path / "run", "schedule.steps=5", "monitor.knn_every_epochs=1",
+                            f"monitor.knn_train={tiny_train}", f"monitor.knn_val={other}"))
+    assert summary["step"] == 5
+    err = capsys.readouterr().err
+    assert err.count("warning: kNN monitor at step") == 2 and "different class folders" in err
+
+
 @pytest.mark.slow
 def test_a_signal_during_the_knn_monitor_is_a_clean_preemption(tiny_train: Path, tmp_path: Path) -> None:
     """SLURM signals the whole process group: the monitor's loader worker must not die of it, and

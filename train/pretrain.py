@@ -228,15 +228,22 @@ def _knn_monitor(cfg: Config, trainer: Trainer, dist: DistInfo, flag_group: Any,
     if dist.is_main:
         rng = _rng_state()
         m = cfg.monitor
-        with PreemptionFlag.shield_children():
-            result = backbone_knn(trainer.online.backbone, m.knn_train, m.knn_val, cfg.data.recipe().global_size,
-                                  device=dist.device, workers=cfg.data.workers, progress=cfg.run.progress)
-        _set_rng(rng)
         epoch = round(step / steps_per_epoch, 4)
-        if log is not None:
-            log.write({"step": step, "epoch": epoch, "knn_top1": result["top1"], "knn_top5": result["top5"]})
-        tqdm.write(f"epoch {epoch:g} (step {step}): kNN top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% "
-                   f"({result['n_val']} val against {result['n_train']})", file=sys.stderr)
+        try:
+            with PreemptionFlag.shield_children():
+                result = backbone_knn(trainer.online.backbone, m.knn_train, m.knn_val, cfg.data.recipe().global_size,
+                                      device=dist.device, workers=cfg.data.workers, progress=cfg.run.progress)
+        except Exception as e:  # noqa: BLE001 - a monitor must never end hours of training
+            tqdm.write(f"warning: kNN monitor at step {step} failed ({type(e).__name__}: {e}); training goes on",
+                       file=sys.stderr)
+        else:
+            if log is not None:
+                log.write({"step": step, "epoch": epoch, "knn_top1": result["top1"], "knn_top5": result["top5"]})
+            tqdm.write(f"epoch {epoch:g} (step {step}): kNN top-1 {result['top1']:.2f}%, "
+                       f"top-5 {result['top5']:.2f}% ({result['n_val']} val against {result['n_train']})",
+                       file=sys.stderr)
+        finally:
+            _set_rng(rng)
     if dist.is_distributed:
         torch_dist.barrier(group=flag_group)
 
