@@ -161,13 +161,16 @@ def test_knn_monitor_logs_at_epoch_ends_and_leaves_training_unchanged(uninterrup
 
 def test_a_failing_knn_monitor_warns_and_training_goes_on(tiny_train: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    # Sets that only fail once read (other class folders): found at the first monitor, hours in.
-    other = build_photo_folder(tmp_path / "other", per_class_train=2, per_class_val=0, side=48, classes=3) / "train"
+    # A set that fails only once read (every file broken since the run began), hours in.
+    broken = tmp_path / "broken"
+    for d in tiny_train.iterdir():
+        (broken / d.name).mkdir(parents=True)
+        (broken / d.name / "x.jpg").write_bytes(b"not a jpeg")
     summary = pretrain(_cfg(tiny_train, tmp_path / "run", "schedule.steps=5", "monitor.knn_every_epochs=1",
-                            f"monitor.knn_train={tiny_train}", f"monitor.knn_val={other}"))
+                            f"monitor.knn_train={tiny_train}", f"monitor.knn_val={broken}"))
     assert summary["step"] == 5
     err = capsys.readouterr().err
-    assert err.count("warning: kNN monitor at step") == 2 and "different class folders" in err
+    assert err.count("warning: kNN monitor at step") == 2 and "could be decoded" in err
 
 
 @pytest.mark.slow
@@ -221,6 +224,8 @@ def test_a_runs_config_json_repeats_the_run(uninterrupted: Path, tiny_train: Pat
     (["data.loader=dali", "data.dali_tuning=prefetch=0"], "prefetch must be at least 1"),
     (["monitor.knn_every_epochs=5"], "monitor.knn_train='': the kNN monitor needs a labelled ImageFolder"),
     (["monitor.knn_every_epochs=-1"], "monitor.knn_every_epochs must be 0 (off) or more"),
+    (["monitor.knn_every_epochs=1", "monitor.knn_train=TINY", "monitor.knn_val=PHOTOS"],
+     "monitor.knn_train and monitor.knn_val have different class folders (4 and 12)"),
 ])
 def test_bad_config_is_one_line(argv: list[str], message: str, tiny_train: Path, tmp_path: Path,
                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -228,6 +233,9 @@ def test_bad_config_is_one_line(argv: list[str], message: str, tiny_train: Path,
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
     base = ["pretrain", "--config", "demo", "--data", str(tiny_train), "--out", str(tmp_path / "run")]
+    if any("PHOTOS" in a for a in argv):  # 12 class folders against tiny_train's 4
+        photos = build_photo_folder(tmp_path / "photos", per_class_train=1, per_class_val=0, side=48) / "train"
+        argv = [a.replace("TINY", str(tiny_train)).replace("PHOTOS", str(photos)) for a in argv]
     assert main(base + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,6 +213,11 @@ def check_config(cfg: Config, world_size: int) -> None:
         for key, path in (("monitor.knn_train", m.knn_train), ("monitor.knn_val", m.knn_val)):
             if not path or not Path(path).exists():
                 raise UsageError(f"{key}={path!r}: the kNN monitor needs a labelled ImageFolder or .beton there")
+        folders = [sorted(e.name for e in os.scandir(p) if e.is_dir()) for p in (m.knn_train, m.knn_val)
+                   if Path(p).is_dir()]
+        if len(folders) == 2 and folders[0] != folders[1]:  # found now, not at the first monitor hours in
+            raise UsageError(f"monitor.knn_train and monitor.knn_val have different class folders "
+                             f"({len(folders[0])} and {len(folders[1])}); the labels must mean the same")
     r = cfg.run.resume
     if r not in ("auto", "none") and not Path(r).is_file():
         raise UsageError(f"--resume {r}: no such checkpoint; pass auto, none or a checkpoint file")
