@@ -10,7 +10,7 @@ import matplotlib.image
 import pytest
 
 from mveb.cli import main
-from train.report import read_metrics, render_report
+from train.report import read_metrics, render_report, summarize
 
 
 def _write_metrics(run: Path, steps: range, extra_lines: tuple[str, ...] = ()) -> None:
@@ -25,9 +25,11 @@ def test_report_renders_four_png_plots(tmp_path: Path, capsys: pytest.CaptureFix
     run = tmp_path / "run"
     _write_metrics(run, range(1, 21))
     assert main(["report", str(run)]) == 0
-    printed = capsys.readouterr().out.split()
+    out = capsys.readouterr().out.splitlines()
     names = ["loss", "schedule", "throughput", "data_wait"]
+    printed = out[-len(names):]
     assert printed == [str(run / "plots" / f"{n}.png") for n in names]
+    assert out[0] == f"{run}: step 20"  # no config.json: the schedule's length is unknown
     for path in printed:
         img = matplotlib.image.imread(path)
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -62,3 +64,16 @@ def test_missing_or_empty_metrics_is_a_one_line_error(content: str | None, tmp_p
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "metrics.jsonl" in err
     assert not (tmp_path / "plots").exists()
+
+
+def test_the_summary_says_where_the_run_stands(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _write_metrics(run, range(1, 31), extra_lines=(
+        json.dumps({"step": 10, "epoch": 1.0, "knn_top1": 41.5, "knn_top5": 80.0}),
+        json.dumps({"step": 30, "epoch": 3.0, "knn_top1": 38.25, "knn_top5": 79.0})))
+    (run / "config.json").write_text(json.dumps({"schedule": {"epochs": 8, "steps": None}}))
+    lines = summarize(run).splitlines()
+    assert lines[0] == f"{run}: step 30 of 80 (38%), epoch 3 of 8"  # 10 steps an epoch
+    assert lines[1].startswith("loss 0.0333 (align -1.0000, entropy 0.4000) at step 30, lr 0.1,")
+    assert lines[2] == "throughput 41.0 samples/s, data wait 25.0% (medians of the last 20 logged steps)"
+    assert lines[3] == "kNN top-1 38.25% at step 30 (best 41.50% at step 10)"

@@ -93,8 +93,9 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from train.report import render_report
+    from train.report import render_report, summarize
 
+    print(summarize(args.run))
     for path in render_report(args.run, args.out):
         print(path)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -55,6 +56,41 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
             steps.append(int(r["step"]))
             values.append(float(v))
     return steps, values
+
+
+def summarize(run: str | Path) -> str:
+    """Where a run stands, in a few lines for a terminal (a cluster login node has no image viewer)."""
+    run = Path(run)
+    records = read_metrics(run / "metrics.jsonl")
+    train = [r for r in records if isinstance(r.get("loss"), (int, float))]
+    last = records[-1]
+    where = f"{run}: step {last['step']}"
+    try:  # the schedule's length from the saved config and the logged epoch (= step / steps per epoch)
+        schedule = json.loads((run / "config.json").read_text())["schedule"]
+        per_epoch = round(last["step"] / last["epoch"])
+        total = schedule["epochs"] * per_epoch
+        stop = min(schedule["steps"] or total, total)
+        where += f" of {stop} ({100 * last['step'] / stop:.0f}%), epoch {last['epoch']:g} of {schedule['epochs']}"
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        pass
+    lines = [where]
+    if train:
+        t = train[-1]
+        lines.append(f"loss {t['loss']:.4f} (align {t.get('align', math.nan):.4f}, entropy "
+                     f"{t.get('entropy', math.nan):.4f}) at step {t['step']}, lr {t.get('lr', math.nan):.4g}, "
+                     f"{t.get('skipped_steps', 0)} skipped steps")
+        recent = train[-20:]
+        rates, waits = ([r[k] for r in recent if isinstance(r.get(k), (int, float))]
+                        for k in ("samples_per_s", "data_wait_fraction"))
+        if rates and waits:
+            lines.append(f"throughput {statistics.median(rates):.1f} samples/s, data wait "
+                         f"{100 * statistics.median(waits):.1f}% (medians of the last {len(recent)} logged steps)")
+    knn = [r for r in records if isinstance(r.get("knn_top1"), (int, float))]
+    if knn:
+        best = max(knn, key=lambda r: r["knn_top1"])
+        lines.append(f"kNN top-1 {knn[-1]['knn_top1']:.2f}% at step {knn[-1]['step']} "
+                     f"(best {best['knn_top1']:.2f}% at step {best['step']})")
+    return "\n".join(lines)
 
 
 def render_report(run: str | Path, out: str | Path | None = None) -> list[Path]:
