@@ -92,6 +92,14 @@ def shard_job(src: str, out: str, **options: Any) -> dict[str, Any]:
     return build_shard(src, out, **options)
 
 
+def validate_job(src: str, report: str | None, fix_list: str | None, workers: int) -> dict[str, Any]:
+    """`mveb validate` as a CPU job: one task, its CPUs as decoding processes."""
+    from pipeline.validate import validate
+
+    result = validate(src, report, fix_list, workers)
+    return {"decodable": len(result.good), "broken": len(result.bad), "seconds": result.seconds}
+
+
 def bench_job(json_path: str, **options: Any) -> dict[str, Any] | None:
     """`mveb bench step` under DDP on every task; rank 0 writes the report and returns it."""
     import json

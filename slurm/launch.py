@@ -1,4 +1,4 @@
-"""Launch MVEB pretraining (or a shard build) on SLURM with submitit.
+"""Launch MVEB pretraining (or a shard build, a folder's validation) on SLURM with submitit.
 
     python slurm/launch.py --nodes 4 --data /data/imagenet/train.beton --out runs/rn50
         4 nodes x 8 GPUs, one task per GPU: world size 32, 128 per GPU, global batch 4096,
@@ -7,6 +7,7 @@
     python slurm/launch.py --nodes 4 --dry-run       # print the sbatch script, submit nothing
     python slurm/launch.py --local --gpus-per-node 0 --tasks-per-node 2 --config demo --data DIR
     python slurm/launch.py shards --src /data/imagenet/train --out /data/imagenet/train.beton
+    python slurm/launch.py validate --src /data/imagenet/train   # broken files, for DALI
     python slurm/launch.py bench --nodes 4 --out runs/bench-4x8   # what DDP costs a step on 32 GPUs
 
 Rerunning the same command with the same --out resumes the run.
@@ -72,17 +73,18 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def shards_parser() -> argparse.ArgumentParser:
+def cpu_job_parser(command: str, description: str, time: str) -> argparse.ArgumentParser:
+    """`mveb validate` or `mveb shards` with its own options (defined once, in pipeline/cli.py) as a
+    one-node CPU job, its CPUs as the decoding or writer processes."""
     from pipeline import cli as pipeline_cli
 
-    # The shard options are mveb's own (`mveb shards`), defined once in pipeline/cli.py.
     holder = OneLineParser(prog=PROG).add_subparsers(parser_class=OneLineParser)
     pipeline_cli.register(holder)
-    p = holder.choices["shards"]
-    p.prog = f"{PROG} shards"
-    p.description = "Build an FFCV shard (`mveb shards`) as a one-node CPU job."
-    p.set_defaults(workers=None)  # None: one writer per CPU of the job (--cpus-per-task)
-    _add_cluster_args(p, cpus_per_task=32, time="12:00:00")
+    p = holder.choices[command]
+    p.prog = f"{PROG} {command}"
+    p.description = description
+    p.set_defaults(workers=None)  # None: one process per CPU of the job (--cpus-per-task)
+    _add_cluster_args(p, cpus_per_task=32, time=time)
     return p
 
 
@@ -243,6 +245,27 @@ def launch_shards(a: argparse.Namespace) -> int:
     return _wait_local(job) if a.local else 0
 
 
+def launch_validate(a: argparse.Namespace) -> int:
+    from slurm.job import validate_job
+
+    res = _cluster_resources(a, "mveb-validate", nodes=1, gpus_per_node=0, tasks_per_node=1)
+    src = Path(a.src).resolve()
+    report = Path(a.report).resolve() if a.report else src.parent / f"{src.name}.validate.json"
+    # Beside the report, which may be elsewhere when the dataset's folder is read-only.
+    folder = report.parent / f"{src.name}.validate.submitit"
+    _print_plan(res, None)
+    print(f"validate: {src} -> {report}")
+    if a.dry_run:
+        print(sbatch_script(res, folder))
+        return 0
+    if not src.is_dir():
+        raise UsageError(f"--src {src} is not a folder; pass an ImageFolder root (one subfolder per class)")
+    _check_submit(a, res)
+    job = _submit(a, res, folder, validate_job, str(src), a.report, a.fix_list, a.workers or res.cpus_per_task)
+    print(f"report (when done): {report}")
+    return _wait_local(job) if a.local else 0
+
+
 def launch_bench(a: argparse.Namespace) -> int:
     from slurm.job import bench_job
 
@@ -267,7 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["shards"]:
-            return launch_shards(shards_parser().parse_args(argv[1:]))
+            parser = cpu_job_parser("shards", "Build an FFCV shard (`mveb shards`) as a one-node CPU job.", "12:00:00")
+            return launch_shards(parser.parse_args(argv[1:]))
+        if argv[:1] == ["validate"]:
+            parser = cpu_job_parser("validate", "Find the broken images of a folder (`mveb validate`) as a one-node "
+                                                "CPU job.", "4:00:00")
+            return launch_validate(parser.parse_args(argv[1:]))
         if argv[:1] == ["bench"]:
             return launch_bench(bench_parser().parse_args(argv[1:]))
         return launch_training(train_parser().parse_args(argv))

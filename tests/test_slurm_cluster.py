@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -50,6 +51,12 @@ def jobs(tmp_path_factory: pytest.TempPathFactory, photo_train: Path) -> Iterato
     folder = beton.parent / f"{beton.name}.submitit"
     out = {name: (run / "submitit", job_id) for name, (run, job_id) in submitted.items()}
     out["shards"] = (folder, next(folder.glob("*_submitted.pkl")).name.split("_")[0])
+    checked = root / "validate" / "train"
+    shutil.copytree(photo_train / "china", checked / "china")
+    (checked / "china" / "broken.jpg").write_bytes(b"not a jpeg")
+    assert main(["validate", "--src", str(checked), "--cpus-per-task", "1", "--time", "10"]) == 0
+    folder = checked.parent / "train.validate.submitit"
+    out["validate"] = (folder, next(folder.glob("*_submitted.pkl")).name.split("_")[0])
     bench = root / "bench"
     assert main(["bench", "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10",
                  "--batch-size", "4", "--steps", "2", "--profile", "--out", str(bench)]) == 0
@@ -151,6 +158,15 @@ def test_shards_runs_as_a_cpu_job(jobs: dict[str, tuple[Path, str]]) -> None:
     beton = folder.parent / "train.beton"
     assert json.loads(Path(f"{beton}.report.json").read_text())["written"] == 12
     check_beton(beton)
+
+
+@pytest.mark.slow
+def test_validate_runs_as_a_cpu_job(jobs: dict[str, tuple[Path, str]]) -> None:
+    folder, job_id = jobs["validate"]
+    (summary,) = _results(folder, job_id, tasks=1)
+    assert summary["broken"] == 1 and summary["decodable"] > 0
+    report = json.loads((folder.parent / "train.validate.json").read_text())
+    assert [Path(b["path"]).name for b in report["bad"]] == ["broken.jpg"]
 
 
 @pytest.mark.slow

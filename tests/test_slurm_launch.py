@@ -74,6 +74,15 @@ def test_dry_run_shards_is_one_cpu_task(tmp_path: Path, capsys: pytest.CaptureFi
     assert "--gpus-per-node" not in out
 
 
+def test_dry_run_validate_is_one_cpu_task_writing_beside_the_folder(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", "--src", str(tmp_path / "train"), "--cpus-per-task", "16", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=16", "--time=240"):
+        assert f"#SBATCH {flag}\n" in out, flag
+    assert f"validate: {tmp_path / 'train'} -> {tmp_path / 'train.validate.json'}" in out
+
+
 def test_dry_run_bench_is_one_task_per_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--nodes", "4", "--out", str(tmp_path / "b"), "--dry-run"]) == 0
     out = capsys.readouterr().out
