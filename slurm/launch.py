@@ -150,6 +150,10 @@ def _submit(a: argparse.Namespace, res: Resources, folder: Path, fn: Callable[..
             **kwargs: Any) -> Any:
     import submitit
 
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only dataset mount, a quota
+        raise UsageError(f"cannot create the job folder {folder} ({e.strerror})") from None
     executor = submitit.AutoExecutor(folder=folder, cluster="local" if a.local else "slurm",
                                      slurm_max_num_timeout=MAX_TIMEOUT_REQUEUES)
     if a.local:
@@ -260,6 +264,9 @@ def launch_validate(a: argparse.Namespace) -> int:
         return 0
     if not src.is_dir():
         raise UsageError(f"--src {src} is not a folder; pass an ImageFolder root (one subfolder per class)")
+    if not a.report and not os.access(report.parent, os.W_OK):
+        raise UsageError(f"{report.parent} is not writable (a read-only dataset mount?); "
+                         "pass --report PATH on a shared filesystem")
     _check_submit(a, res)
     job = _submit(a, res, folder, validate_job, str(src), a.report, a.fix_list, a.workers or res.cpus_per_task)
     print(f"report (when done): {report}")

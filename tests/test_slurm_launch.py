@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,15 @@ def test_dry_run_validate_is_one_cpu_task_writing_beside_the_folder(tmp_path: Pa
     for flag in ("--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=16", "--time=240"):
         assert f"#SBATCH {flag}\n" in out, flag
     assert f"validate: {tmp_path / 'train'} -> {tmp_path / 'train.validate.json'}" in out
+
+
+def test_validate_of_a_read_only_dataset_asks_for_a_report_path(photo_train: Path, small_disk: Callable[[str], Path],
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    disk = small_disk("20m")
+    shutil.copytree(photo_train / "china", disk / "train" / "china")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    err = _one_line_error(capsys, ["validate", "--src", str(disk / "train"), "--local"])
+    assert f"{disk} is not writable (a read-only dataset mount?); pass --report PATH" in err
 
 
 def test_dry_run_bench_is_one_task_per_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
