@@ -157,13 +157,14 @@ def test_each_view_is_solved_once_by_its_owner(ranks: tuple) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_sharded_score_is_the_all_gather_score_bit_for_bit(ranks: tuple) -> None:
-    """The rows travel by copies only, and on the CPU a view's solve does not depend on which
-    other views share its batch: y, ms and tau equal the all-gather version's exactly."""
+def test_sharded_score_is_the_all_gather_score(ranks: tuple) -> None:
+    """The rows travel by copies only: y, ms and tau equal the all-gather version's to fp64
+    rounding. Not bit for bit: a batched solve may round a view differently by how many views
+    share its batch (seen on an AMD EPYC, not on the earlier Intel machines)."""
     _, _, got, _ = ranks
     for r in got:
         for key in ("y", "ms", "tau"):
-            assert torch.equal(r["sharded"][key], r["all_gather"][key]), key
+            torch.testing.assert_close(r["sharded"][key], r["all_gather"][key], rtol=1e-12, atol=1e-12, msg=key)
 
 
 @pytest.mark.parametrize("impl", ["reference", "reference-literal"])
