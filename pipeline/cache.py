@@ -29,9 +29,10 @@ def cache_name(folder: Path, *settings: object) -> str:
 
 
 @contextlib.contextmanager
-def build_lock(target: Path) -> Iterator[None]:
+def build_lock(target: Path) -> Iterator[bool]:
     """An exclusive flock beside `target` while it is built; the kernel drops it however the
-    holder dies. A filesystem without locks gets a warning, and the build goes on unlocked."""
+    holder dies. Yields whether the lock is held: a filesystem without locks gets a warning,
+    and the build goes on unlocked, where other processes may be building beside it."""
     with contextlib.ExitStack() as stack:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -44,4 +45,6 @@ def build_lock(target: Path) -> Iterator[None]:
         except OSError as e:  # no locks there, or a read-only or full cache
             sys.stderr.write(f"warning: {target.parent} cannot be locked ({e.strerror}); "
                              "processes that start together each build it\n")
-        yield
+            yield False
+            return
+        yield True

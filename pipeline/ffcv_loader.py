@@ -68,11 +68,11 @@ def cached_shard(folder: str | Path, cache_dir: str | Path | None = None, worker
             raise UsageError(f"cannot build the FFCV shard of {folder} in {cache} ({e.strerror}): set MVEB_CACHE_DIR "
                              "to a writable folder, or build one with `mveb shards` and pass the .beton") from None
         # Without the lock every rank built the whole shard (ImageNet: 8 copies a node).
-        with build_lock(shard):
+        with build_lock(shard) as locked:
             if stale():
                 # A build SIGKILLed (SLURM after the grace time) leaves its temporary file, as
-                # large as the shard; holding the lock, no other build is using one.
-                for leftover in cache.glob(f".{shard.name}.tmp-*"):
+                # large as the shard; only the lock's holder knows no other build is using one.
+                for leftover in cache.glob(f".{shard.name}.tmp-*") if locked else ():
                     leftover.unlink(missing_ok=True)
                 build_shard(folder, shard, max_res=SHARD_MAX_RES, quality=SHARD_QUALITY, workers=workers)
     return shard

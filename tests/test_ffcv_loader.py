@@ -6,6 +6,7 @@ second one, rank 1 of 2, checks that a sample's views do not depend on who reads
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from ffcv.reader import Reader
 
 from mveb.errors import UsageError
 from pipeline.batch import MultiCropBatch, MultiCropLoader
+from pipeline import cache
 from pipeline.demo_photos import build_photo_folder
 from pipeline.cache import cache_name
 from pipeline.ffcv_loader import SHARD_QUALITY, FFCVMultiCropLoader
@@ -188,6 +190,23 @@ def test_image_folder_is_sharded_once_into_the_cache(photo_train: Path, tmp_path
     stamp = ld.path.stat().st_mtime_ns
     again = FFCVMultiCropLoader(photo_train, RECIPE, 8, cache_dir=tmp_path)
     assert again.path == ld.path and again.path.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_without_locks_a_build_leaves_other_builds_temporary_files(photo_train: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A filesystem without flock (Lustre without -o flock, NFS nolock): the ranks build side by
+    side, so none may delete another's temporary file (FFCV's writer reopens it by name)."""
+    def no_locks(*_: object) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(cache.fcntl, "flock", no_locks)
+    name = cache_name(photo_train.resolve(), SHARD_MAX_RES, SHARD_QUALITY)
+    beside = tmp_path / f".{name}.beton.tmp-99999"  # another rank's build in progress
+    beside.write_bytes(b"\0" * 4096)
+    ld = FFCVMultiCropLoader(photo_train, RECIPE, 8, cache_dir=tmp_path)
+    assert beside.exists() and ld.path.exists()
+    assert "cannot be locked" in capsys.readouterr().err
 
 
 def _mean_gradients(loader: MultiCropLoader, epochs: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ minutes, on SIGTERM/SIGUSR2 at the next step boundary, and at the end.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import random
@@ -79,7 +80,7 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
         if dist.is_main:
             sys.stderr.write(f"resuming from {resumed_from} (step {step})\n")
 
-    flag_group = _flag_group(dist)
+    flag_group = _flag_group(dist, cfg.dist.timeout_minutes)
     stop = min(cfg.schedule.steps or trainer.total_steps, trainer.total_steps)
     if dist.is_main:
         precision = str(trainer.amp).removeprefix("torch.") if trainer.amp is not None else "fp32"
@@ -187,12 +188,13 @@ def _set_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _flag_group(dist: DistInfo) -> Any:
+def _flag_group(dist: DistInfo, timeout_minutes: float) -> Any:
     """The group that agrees on the per-step flags: a gloo (CPU) group beside NCCL, so that
     agreeing is a message between the hosts and never waits for the GPU's queued work (with
     an NCCL all_reduce the host would read the result back once a step, draining the GPU)."""
     if dist.is_distributed and torch_dist.get_backend() != "gloo":
-        return torch_dist.new_group(backend="gloo")
+        # Its own timeout: gloo groups otherwise wait 30 minutes whatever dist.timeout_minutes says.
+        return torch_dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     return None
 
 
