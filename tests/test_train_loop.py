@@ -351,3 +351,15 @@ def test_a_second_job_on_the_same_run_folder_is_refused_until_the_first_ends(tin
         os.killpg(first.pid, signal.SIGKILL)  # no chance to unlock: the kernel releases the flock
         first.communicate(timeout=60)
     assert pretrain(_cfg(tiny_train, run, "schedule.steps=2"))["step"] >= 2  # the lock died with its holder
+
+
+def test_monitor_sets_compare_the_classes_the_loaders_read(tiny_train: Path, tmp_path: Path) -> None:
+    """A hidden folder (.ipynb_checkpoints) in one set is no class: no false mismatch."""
+    import shutil
+    from train.config import check_config, get_config
+    val = tmp_path / "val"
+    shutil.copytree(tiny_train, val)
+    (val / ".ipynb_checkpoints").mkdir()
+    cfg = get_config("demo", [f"data.path={tiny_train}", "monitor.knn_every_epochs=1",
+                              f"monitor.knn_train={tiny_train}", f"monitor.knn_val={val}"])
+    check_config(cfg, 1)
