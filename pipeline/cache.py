@@ -34,6 +34,7 @@ def build_lock(target: Path) -> Iterator[bool]:
     holder dies. Yields whether the lock is held: a filesystem without locks gets a warning,
     and the build goes on unlocked, where other processes may be building beside it."""
     with contextlib.ExitStack() as stack:
+        locked = False
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             f = stack.enter_context(open(target.with_name(f".{target.name}.lock"), "a+"))
@@ -42,9 +43,8 @@ def build_lock(target: Path) -> Iterator[bool]:
             except BlockingIOError:
                 sys.stderr.write(f"waiting for another process building {target}\n")
                 fcntl.flock(f, fcntl.LOCK_EX)
+            locked = True
         except OSError as e:  # no locks there, or a read-only or full cache
             sys.stderr.write(f"warning: {target.parent} cannot be locked ({e.strerror}); "
                              "processes that start together each build it\n")
-            yield False
-            return
-        yield True
+        yield locked

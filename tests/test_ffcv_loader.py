@@ -19,8 +19,8 @@ import torch
 from ffcv.reader import Reader
 
 from mveb.errors import UsageError
-from pipeline.batch import MultiCropBatch, MultiCropLoader
 from pipeline import cache
+from pipeline.batch import MultiCropBatch, MultiCropLoader
 from pipeline.demo_photos import build_photo_folder
 from pipeline.cache import cache_name
 from pipeline.ffcv_loader import SHARD_QUALITY, FFCVMultiCropLoader

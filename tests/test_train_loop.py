@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from mveb.cli import main
 from mveb.errors import UsageError
 from pipeline.demo_photos import build_photo_folder
 from train.checkpoint import latest_checkpoint, load_checkpoint
-from train.config import get_config
+from train.config import check_config, get_config
 from train.distributed import DistInfo
 from train.pretrain import pretrain
 from train.report import render_report
@@ -355,8 +356,6 @@ def test_a_second_job_on_the_same_run_folder_is_refused_until_the_first_ends(tin
 
 def test_monitor_sets_compare_the_classes_the_loaders_read(tiny_train: Path, tmp_path: Path) -> None:
     """A hidden folder (.ipynb_checkpoints) in one set is no class: no false mismatch."""
-    import shutil
-    from train.config import check_config, get_config
     val = tmp_path / "val"
     shutil.copytree(tiny_train, val)
     (val / ".ipynb_checkpoints").mkdir()
