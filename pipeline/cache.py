@@ -15,7 +15,7 @@ import hashlib
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 
 def cache_dir(kind: str) -> Path:
@@ -31,20 +31,31 @@ def cache_name(folder: Path, *settings: object) -> str:
 @contextlib.contextmanager
 def build_lock(target: Path) -> Iterator[bool]:
     """An exclusive flock beside `target` while it is built; the kernel drops it however the
-    holder dies. Yields whether the lock is held: a filesystem without locks gets a warning,
-    and the build goes on unlocked, where other processes may be building beside it."""
+    holder dies. Yields whether the lock is held: an unwritable cache or a filesystem without
+    locks gets a warning, and the build goes on unlocked, where other processes may be
+    building beside it."""
     with contextlib.ExitStack() as stack:
-        locked = False
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             f = stack.enter_context(open(target.with_name(f".{target.name}.lock"), "a+"))
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                sys.stderr.write(f"waiting for another process building {target}\n")
-                fcntl.flock(f, fcntl.LOCK_EX)
-            locked = True
-        except OSError as e:  # no locks there, or a read-only or full cache
-            sys.stderr.write(f"warning: {target.parent} cannot be locked ({e.strerror}); "
+        except OSError as e:  # read-only or full: the caller's own write then fails and says so
+            sys.stderr.write(f"warning: {target.parent} is not writable ({e.strerror}); "
                              "processes that start together each build it\n")
+            locked = False
+        else:
+            locked = _flock(f, target)
         yield locked
+
+
+def _flock(f: IO[str], target: Path) -> bool:
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.stderr.write(f"waiting for another process building {target}\n")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        return True
+    except OSError as e:  # ENOLCK: Lustre mounted without flock, NFS with nolock
+        sys.stderr.write(f"warning: {target.parent} cannot be locked ({e.strerror}); "
+                         "processes that start together each build it\n")
+        return False

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -64,6 +65,8 @@ def cached_shard(folder: str | Path, cache_dir: str | Path | None = None, worker
     if stale():
         try:
             cache.mkdir(parents=True, exist_ok=True)
+            # An existing read-only folder would fail only at the write, after a full decode.
+            tempfile.TemporaryFile(dir=cache).close()
         except OSError as e:
             raise UsageError(f"cannot build the FFCV shard of {folder} in {cache} ({e.strerror}): set MVEB_CACHE_DIR "
                              "to a writable folder, or build one with `mveb shards` and pass the .beton") from None

@@ -363,7 +363,7 @@ def test_an_unwritable_cache_costs_a_warning_not_the_loader(photo_train: Path, t
     loader = DALIMultiCropLoader(root, TINY, 4)
     next(iter(loader)).check(TINY, 4)
     err = capsys.readouterr().err
-    assert "cannot be locked (Read-only file system)" in err and "is not kept" in err
+    assert "is not writable (Read-only file system)" in err and "is not kept" in err
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import torch
 from ffcv.reader import Reader
 
 from mveb.errors import UsageError
-from pipeline import cache
+from pipeline import cache, ffcv_loader
 from pipeline.batch import MultiCropBatch, MultiCropLoader
 from pipeline.demo_photos import build_photo_folder
 from pipeline.cache import cache_name
@@ -236,6 +236,19 @@ def test_a_read_only_shard_cache_is_one_line_saying_what_to_do(photo_train: Path
                                                                small_disk: Callable[[str], Path]) -> None:
     cache = small_disk("1m")
     subprocess.run(["mount", "-o", "remount,ro", str(cache)], check=True)
+    with pytest.raises(UsageError, match="Read-only file system.*set MVEB_CACHE_DIR to a writable folder"):
+        FFCVMultiCropLoader(photo_train, RECIPE, 8, cache_dir=cache / "shards")
+
+
+def test_an_existing_read_only_shard_cache_fails_before_decoding(photo_train: Path,
+                                                                small_disk: Callable[[str], Path],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache folder is there (made by an earlier job) but now read-only: one line before the
+    build, not a traceback from FFCV's writer after decoding the whole set."""
+    cache = small_disk("1m")
+    (cache / "shards").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(cache)], check=True)
+    monkeypatch.setattr(ffcv_loader, "build_shard", lambda *a, **k: pytest.fail("built into a read-only cache"))
     with pytest.raises(UsageError, match="Read-only file system.*set MVEB_CACHE_DIR to a writable folder"):
         FFCVMultiCropLoader(photo_train, RECIPE, 8, cache_dir=cache / "shards")
 
