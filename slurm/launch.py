@@ -250,13 +250,19 @@ def launch_shards(a: argparse.Namespace) -> int:
 
 
 def launch_validate(a: argparse.Namespace) -> int:
+    from pipeline.validate import kept_report
     from slurm.job import validate_job
 
     res = _cluster_resources(a, "mveb-validate", nodes=1, gpus_per_node=0, tasks_per_node=1)
     src = Path(a.src).resolve()
     report = Path(a.report).resolve() if a.report else src.parent / f"{src.name}.validate.json"
-    # Beside the report, which may be elsewhere when the dataset's folder is read-only.
-    folder = report.parent / f"{src.name}.validate.submitit"
+    if not a.report and src.is_dir() and not os.access(src.parent, os.W_OK):
+        # A read-only dataset mount: the report goes where the DALI loader looks next.
+        report = kept_report(src)
+        print(f"note: {src.parent} is not writable; the report is kept in the cache instead, where the DALI loader "
+              "reads it (keep MVEB_CACHE_DIR the same for training)")
+    folder = report.parent / f"{src.name}.validate.submitit"  # beside the report, which is writable
+    fix_list = str(Path(a.fix_list).resolve()) if a.fix_list else None
     _print_plan(res, None)
     print(f"validate: {src} -> {report}")
     if a.dry_run:
@@ -264,11 +270,8 @@ def launch_validate(a: argparse.Namespace) -> int:
         return 0
     if not src.is_dir():
         raise UsageError(f"--src {src} is not a folder; pass an ImageFolder root (one subfolder per class)")
-    if not a.report and not os.access(report.parent, os.W_OK):
-        raise UsageError(f"{report.parent} is not writable (a read-only dataset mount?); "
-                         "pass --report PATH on a shared filesystem")
     _check_submit(a, res)
-    job = _submit(a, res, folder, validate_job, str(src), a.report, a.fix_list, a.workers or res.cpus_per_task)
+    job = _submit(a, res, folder, validate_job, str(src), str(report), fix_list, a.workers or res.cpus_per_task)
     print(f"report (when done): {report}")
     return _wait_local(job) if a.local else 0
 

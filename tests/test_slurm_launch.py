@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.validate import kept_report
 from slurm.launch import main
 from slurm.plan import parse_time
 
@@ -85,13 +86,19 @@ def test_dry_run_validate_is_one_cpu_task_writing_beside_the_folder(tmp_path: Pa
     assert f"validate: {tmp_path / 'train'} -> {tmp_path / 'train.validate.json'}" in out
 
 
-def test_validate_of_a_read_only_dataset_asks_for_a_report_path(photo_train: Path, small_disk: Callable[[str], Path],
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_of_a_read_only_dataset_keeps_its_report_where_dali_reads_it(
+        photo_train: Path, small_disk: Callable[[str], Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """The job's report and its submitit folder go to the cache, which the DALI loader reads,
+    instead of asking for a --report that no loader would ever look at."""
     disk = small_disk("20m")
-    shutil.copytree(photo_train / "china", disk / "train" / "china")
+    src = disk / "train"
+    shutil.copytree(photo_train / "china", src / "china")
+    (src / "china" / "broken.jpg").write_bytes(b"not a jpeg")
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
-    err = _one_line_error(capsys, ["validate", "--src", str(disk / "train"), "--local"])
-    assert f"{disk} is not writable (a read-only dataset mount?); pass --report PATH" in err
+    assert main(["validate", "--src", str(src), "--cpus-per-task", "1", "--local"]) == 0
+    assert "the report is kept in the cache instead" in capsys.readouterr().out
+    report = json.loads(kept_report(src).read_text())
+    assert [Path(b["path"]).name for b in report["bad"]] == ["broken.jpg"]
 
 
 def test_dry_run_bench_is_one_task_per_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
