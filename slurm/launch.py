@@ -65,7 +65,8 @@ def train_parser() -> argparse.ArgumentParser:
     batch.add_argument("--batch-per-gpu", type=int, default=None, help="batch per task (default: the preset's)")
     p.add_argument("--config", default="imagenet_rn50",
                    help="recipe preset from train/config.py (imagenet_rn50, demo), or a run's config.json: its "
-                        "data and run folder unless --data/--out say otherwise")
+                        "data, run folder and batch unless --data/--out/--batch-* say otherwise; it resumes "
+                        "from its run folder and runs the whole schedule unless schedule.steps=N")
     p.add_argument("--data", default=None, help="ImageFolder root or .beton shard, as seen from the compute nodes")
     p.add_argument("--out", default=None, help="run folder on a shared filesystem (default: the preset's run.out)")
     _add_cluster_args(p, cpus_per_task=10, time="72:00:00")
@@ -199,7 +200,8 @@ def launch_training(a: argparse.Namespace) -> int:
     if a.out is not None:
         cfg.run.out = a.out
     cfg.run.out = str(Path(cfg.run.out).resolve())
-    global_batch = a.batch_size if a.batch_size is not None else cfg.data.global_batch_size
+    # Either flag replaces a global batch that a run's config.json may carry.
+    global_batch = a.batch_size if a.batch_size is not None or a.batch_per_gpu is not None else cfg.data.global_batch_size
     plan = batch_plan(res.world_size, cfg.optim.base_lr, global_batch, a.batch_per_gpu, cfg.data.batch_size)
     cfg.data.batch_size, cfg.data.global_batch_size = plan.per_rank, None
     run_dir = Path(cfg.run.out)

@@ -69,6 +69,19 @@ def test_dry_run_from_a_runs_config_json(tmp_path: Path, capsys: pytest.CaptureF
     assert "lr: 0.6 x 64 / 256 = 0.15" in out
 
 
+def test_batch_flags_replace_a_runs_saved_global_batch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from train.config import get_config
+
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(get_config("demo", ["data.global_batch_size=64"]).to_dict()))
+    argv = ["--gpus-per-node", "0", "--tasks-per-node", "2", "--config", str(saved), "--dry-run"]
+    for flag, plan in ((["--batch-per-gpu", "8"], "8 per task x 2 = global batch 16"),
+                       (["--batch-size", "20"], "10 per task x 2 = global batch 20"),
+                       ([], "32 per task x 2 = global batch 64")):
+        assert main(argv + flag) == 0
+        assert f"batch: {plan}\n" in capsys.readouterr().out, flag
+
+
 def test_dry_run_shards_is_one_cpu_task(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["shards", "--src", str(tmp_path), "--out", str(tmp_path / "train.beton"), "--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -213,6 +213,18 @@ def test_a_runs_config_json_repeats_the_run(uninterrupted: Path, tiny_train: Pat
     assert saved["run"]["out"] == str(run) and saved["model"] == json.loads((uninterrupted / "config.json").read_text())["model"]
 
 
+def test_batch_size_flag_replaces_a_runs_saved_global_batch(uninterrupted: Path, tiny_train: Path,
+                                                             tmp_path: Path) -> None:
+    saved = json.loads((uninterrupted / "config.json").read_text())
+    saved["data"]["global_batch_size"] = 8
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    run = tmp_path / "smaller"
+    assert main(["pretrain", "--config", str(tmp_path / "config.json"), "--data", str(tiny_train), "--out", str(run),
+                 "--steps", "1", "--batch-size", "2"]) == 0
+    data = json.loads((run / "config.json").read_text())["data"]
+    assert (data["batch_size"], data["global_batch_size"]) == (2, None)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["optim.no_such_key=1"], "unknown config key 'optim.no_such_key'"),
     (["--data", "/no/such/folder"], "does not exist"),

@@ -302,6 +302,17 @@ def test_a_runs_config_json_is_a_config_to_override(tmp_path: Path) -> None:
     assert get_config(str(saved)).monitor.knn_every_epochs == 0
 
 
+def test_a_runs_config_json_leaves_where_to_start_and_stop_to_this_invocation(tmp_path: Path) -> None:
+    """A replay that kept the old --steps would stop at once; one that kept --resume none (or a
+    checkpoint of another folder) would not resume from its own run folder after a requeue."""
+    cfg = get_config("demo", ["schedule.steps=7", "run.resume=none", "data.global_batch_size=64"])
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(cfg.to_dict()))
+    again = get_config(str(saved))
+    assert (again.schedule.steps, again.run.resume, again.data.global_batch_size) == (None, "auto", 64)
+    assert get_config(str(saved), ["schedule.steps=3"]).schedule.steps == 3
+
+
 @pytest.mark.parametrize("text,message", [
     (None, "No such file or directory"),
     ("{not json", "is not JSON"),

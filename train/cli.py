@@ -106,8 +106,10 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     from train.pretrain import pretrain
 
     # The flags are overrides like any other; explicit key=value pairs come last and win.
+    # --batch-size is per process: it replaces a global batch that a run's config.json may carry.
     flags = {"data.path": args.data, "run.out": args.out, "schedule.steps": args.steps, "schedule.epochs": args.epochs,
-             "data.batch_size": args.batch_size, "data.loader": args.loader, "run.resume": args.resume}
+             "data.batch_size": args.batch_size, "data.global_batch_size": None if args.batch_size is None else "none",
+             "data.loader": args.loader, "run.resume": args.resume}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
     summary = pretrain(get_config(args.config, overrides))
     if summary["rank"] == 0:

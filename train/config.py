@@ -226,8 +226,9 @@ def check_config(cfg: Config, world_size: int) -> None:
 
 
 def get_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """A preset by name, or a run's saved config.json (to repeat or extend that run exactly), then
-    the `key=value` overrides in order."""
+    """A preset by name, or a run's saved config.json (to repeat or extend that run exactly; its
+    run.resume and schedule.steps are this invocation's to set), then the `key=value` overrides
+    in order."""
     if preset.endswith(".json"):
         cfg = _config_file(Path(preset))
     elif preset in PRESETS:
@@ -252,7 +253,11 @@ def _config_file(path: Path) -> Config:
         raise UsageError(f"--config {path} is not JSON; pass a run's config.json or a preset name") from None
     if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
         raise UsageError(f"--config {path} is not a run's config.json (groups of fields, as pretrain writes it)")
-    return Config.from_dict(d)
+    cfg = Config.from_dict(d)
+    # Where that invocation started and stopped, not what it trained: a replay would otherwise
+    # stop at once at the old --steps, or skip its own run folder's checkpoints.
+    cfg.run.resume, cfg.schedule.steps = RunConfig.resume, ScheduleConfig.steps
+    return cfg
 
 
 def _resolve(cfg: Config, key: str) -> tuple[Any, str]:
