@@ -21,10 +21,9 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from mveb.bench_step import format_table, run_variant, synthetic_batch
+from mveb.bench_step import check_counts, format_table, run_variant, step_settings, synthetic_batch
 from mveb.errors import UsageError
 from mveb.files import write_atomic
-from train.config import get_config
 from train.distributed import DistInfo, cleanup_distributed, init_distributed
 from train.step import amp_dtype
 
@@ -33,17 +32,16 @@ def bench_step_ddp(device: str, batch_size: int | None, steps: int | None, confi
                    compile: bool, profile: bool = False, overrides: tuple[str, ...] = ()) -> dict[str, Any] | None:
     """The report on rank 0, None on the other ranks. profile: each row also says what rank 0's
     device did in 2 more steps (under DDP on a GPU, NCCL's kernels are the "communication" kind)."""
+    check_counts(batch_size, steps)  # before the rendezvous: every rank says it, none hangs
     info = init_distributed()
     try:
         dev = info.device
         if device not in ("auto", dev.type):
             raise UsageError(f"--device {device}: under torchrun each rank uses {dev} (set by its LOCAL_RANK)")
         on_gpu = dev.type == "cuda"
-        cfg = get_config(config or ("imagenet_rn50" if on_gpu else "demo"), ["run.progress=false", *overrides])
-        cfg.data.batch_size = batch_size or (256 if on_gpu else 8)  # as without torchrun
+        cfg, steps, warmup = step_settings(config, batch_size, steps, on_gpu, overrides)
         if compile:
             cfg = replace(cfg, precision=replace(cfg.precision, compile=True))
-        steps, warmup = steps or (30 if on_gpu else 4), 10 if on_gpu else 2
         batch = synthetic_batch(cfg, dev, amp_dtype(cfg.precision.amp, dev) or torch.float32)
         alone = DistInfo(info.rank, 1, info.local_rank, dev, is_distributed=False)
         rows = []

@@ -152,6 +152,24 @@ def _loader_batches(backend: str, data: str, cfg: Config, device: torch.device, 
         yield from loader
 
 
+def check_counts(batch_size: int | None, steps: int | None) -> None:
+    if batch_size is not None and batch_size < 2:
+        raise UsageError(f"--batch-size must be at least 2 (MVEB's entropy needs 2 samples), got {batch_size}")
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}")
+
+
+def step_settings(config: str | None, batch_size: int | None, steps: int | None, on_gpu: bool,
+                  overrides: tuple[str, ...]) -> tuple[Config, int, int]:
+    """(config, timed steps, warmup steps) of a step benchmark, with or without torchrun."""
+    cfg = get_config(config or ("imagenet_rn50" if on_gpu else "demo"), ["run.progress=false", *overrides])
+    if batch_size is not None:
+        cfg.data.batch_size = batch_size
+    elif not (config or "").endswith(".json"):  # a run's config times that run's batch
+        cfg.data.batch_size = 256 if on_gpu else 8
+    return cfg, steps if steps is not None else (30 if on_gpu else 4), 10 if on_gpu else 2
+
+
 def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tuple[str, ...] = ("synthetic",),
                data: str | None = None, compile: bool = False, steps: int | None = None,
                official: bool = True, config: str | None = None, priority_stream: bool = False,
@@ -161,20 +179,11 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
     is written there after every variant, so a run cut short keeps what it measured. overrides:
     config KEY=VALUE items applied to the preset of every variant (e.g. data.workers=16). trace_dir:
     each profiled variant's timeline there (implies profile)."""
-    if batch_size is not None and batch_size < 2:
-        raise UsageError(f"--batch-size must be at least 2 (MVEB's entropy needs 2 samples), got {batch_size}")
-    if steps is not None and steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {steps}")
+    check_counts(batch_size, steps)
     profile = profile or trace_dir is not None
     dev = resolve_device(device)
     on_gpu = dev.type == "cuda"
-    cfg = get_config(config or ("imagenet_rn50" if on_gpu else "demo"), ["run.progress=false", *overrides])
-    if batch_size is not None:
-        cfg.data.batch_size = batch_size
-    elif not (config or "").endswith(".json"):  # a run's config times that run's batch
-        cfg.data.batch_size = 256 if on_gpu else 8
-    steps = steps if steps is not None else (30 if on_gpu else 4)
-    warmup = 10 if on_gpu else 2
+    cfg, steps, warmup = step_settings(config, batch_size, steps, on_gpu, overrides)
     real = [b for b in loaders if b != "synthetic"]
     if real and not data:
         raise UsageError(f"--loader {','.join(real)} needs --data (an ImageFolder)")

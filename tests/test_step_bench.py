@@ -108,17 +108,20 @@ def test_bench_all_parts_refuse_to_merge_another_devices_results(tmp_path: Path)
 @pytest.mark.slow
 def test_step_bench_under_torchrun_reports_exposed_communication(tmp_path: Path) -> None:
     """Two gloo ranks as torchrun starts them: rank 0 reports the one-process and the DDP step
-    and their difference; rank 1 stays quiet."""
+    and their difference; rank 1 stays quiet. A run's config.json times that run's batch."""
     import os
     import socket
     import subprocess
     import sys
 
+    from train.config import get_config
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = tmp_path / "ddp.json"
-    cmd = [sys.executable, "-m", "mveb", "bench", "step", "--device", "cpu", "--batch-size", "4", "--steps", "2",
+    out, saved = tmp_path / "ddp.json", tmp_path / "config.json"
+    saved.write_text(json.dumps(get_config("demo", ["data.batch_size=4"]).to_dict()))
+    cmd = [sys.executable, "-m", "mveb", "bench", "step", "--device", "cpu", "--config", str(saved), "--steps", "2",
            "--profile", "--json", str(out)]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
@@ -130,6 +133,7 @@ def test_step_bench_under_torchrun_reports_exposed_communication(tmp_path: Path)
     report = json.loads(out.read_text())
     assert report["world_size"] == 2 and report["backend"] == "gloo"
     assert [r["variant"] for r in report["results"]] == ["mveb, one process", "mveb, DDP x 2"]
+    assert [r["batch_size"] for r in report["results"]] == [4, 4]  # the run's, not the bench default 8
     assert len(report["step_ms_per_rank"]) == 2
     alone, ddp = zip(*report["step_ms_per_rank"])
     assert report["exposed_comm_ms"] == pytest.approx(sum(d - a for a, d in zip(alone, ddp)) / 2)
@@ -177,6 +181,10 @@ def test_step_bench_under_torchrun_refuses_what_it_does_not_time(monkeypatch: py
     assert main(["bench", "step", "--device", "cpu", "--priority-stream"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--priority-stream" in err
+    for flag, value in (("--batch-size", "0"), ("--steps", "0")):
+        assert main(["bench", "step", "--device", "cpu", flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{flag} must be at least" in err
 
 
 def test_step_bench_applies_config_overrides_to_every_variant(capsys: pytest.CaptureFixture[str]) -> None:
