@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -152,12 +153,42 @@ def test_knn_monitor_logs_at_epoch_ends_and_leaves_training_unchanged(uninterrup
     assert [r["step"] for r in knn] == [4, STEPS]  # the end of epoch 1 (4 steps an epoch) and of the run
     assert all(0 <= r["knn_top1"] <= r["knn_top5"] <= 100 and set(r) == {"step", "epoch", "knn_top1", "knn_top5"}
                for r in knn)
-    # Its RNG draws are put back and its extra checkpoint changes nothing: the same training.
+    # Neither the monitor (eval mode, global RNG draws) nor its extra checkpoint changes training.
     _assert_same_run(_metrics(uninterrupted), [r for r in records if "loss" in r])
     assert (run / "checkpoints" / "step_00000004.pt").exists()  # saved before the monitor ran
     assert any(p.name == "knn.png" for p in render_report(run))
     err = capsys.readouterr().err  # one line per monitor; no progress bars under run.progress=false
     assert err.count("kNN top-1") == 2 and "features" not in err
+
+
+def test_a_knn_monitor_skipped_by_a_preemption_runs_on_resume(tiny_train: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """SLURM's signal at the step that ends epoch 1, then at the run's last step: each saves that
+    step and skips its monitor, which the next start runs first; a finished run scores no step twice."""
+    run, val = tmp_path / "run", tiny_train.parent / "val"
+    cfg = partial(_cfg, tiny_train, run, f"schedule.steps={STEPS}", "monitor.knn_every_epochs=1",
+                  f"monitor.knn_train={tiny_train}", f"monitor.knn_val={val}")
+    step = Trainer.step
+
+    def signal_after(last: int) -> Callable[..., dict]:
+        def stepped(self: Trainer, batch: object, at: int) -> dict:
+            out = step(self, batch, at)
+            if at + 1 == last:
+                os.kill(os.getpid(), signal.SIGUSR2)  # handled at this step's boundary
+            return out
+        return stepped
+
+    def knn_steps() -> list[int]:
+        return [r["step"] for r in _metrics(run) if "knn_top1" in r]
+
+    for last, expect in ((4, []), (STEPS, [4])):
+        with monkeypatch.context() as m:
+            m.setattr(Trainer, "step", signal_after(last))
+            summary = pretrain(cfg())
+        assert summary["preempted"] and summary["step"] == last and knn_steps() == expect
+    for _ in range(2):
+        assert not pretrain(cfg())["preempted"]
+        assert knn_steps() == [4, STEPS]
 
 
 def test_a_failing_knn_monitor_warns_and_training_goes_on(tiny_train: Path, tmp_path: Path,

@@ -95,8 +95,17 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
     last_loss = None
     last_save_time, saved, saved_step = time.monotonic(), True, step
     window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+    every = cfg.monitor.knn_every_epochs
+
+    def monitor_due(at: int) -> bool:
+        return bool(every) and (at == stop or (at % steps_per_epoch == 0 and (at // steps_per_epoch) % every == 0))
+
     with PreemptionFlag() as preemption:
         preempted = False
+        # A preemption at a monitored step (or a kill during the monitor) saved that step and
+        # skipped the monitor: its record would never be written, the run's final one included.
+        if step and monitor_due(step) and _agree(dist, flag_group, dist.is_main and not _knn_logged(run_dir, step))[0]:
+            _knn_monitor(cfg, trainer, dist, flag_group, log, step, steps_per_epoch)
         while step < stop and not preempted:
             loader.set_epoch(step // steps_per_epoch)
             batches = iter(loader)
@@ -138,9 +147,7 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
                 close()  # leaves the loader's position at the last batch handed out
             if not got_batch and step < stop and not preempted:
                 raise RuntimeError(f"the {cfg.data.loader} loader yielded no batch for epoch {step // steps_per_epoch}")
-            every = cfg.monitor.knn_every_epochs
-            if every and not preempted and (step == stop or (step % steps_per_epoch == 0
-                                                            and (step // steps_per_epoch) % every == 0)):
+            if not preempted and monitor_due(step):
                 if saved_step != step:  # a kill during the monitor (minutes) then loses no training
                     saved = _save(run_dir, trainer, loader, step, steps_per_epoch, cfg, dist, flag_group)
                     last_save_time, saved_step = time.monotonic(), step
@@ -219,16 +226,25 @@ def _record(out: dict[str, Any], step: int, steps_per_epoch: int, trainer: Train
             "data_wait_fraction": wait_fraction, "skipped_steps": trainer.skipped_steps}
 
 
+def _knn_logged(run_dir: Path, step: int) -> bool:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return False
+    with path.open() as f:
+        return any('"knn_top1"' in line and json.loads(line)["step"] == step for line in f)
+
+
 def _knn_monitor(cfg: Config, trainer: Trainer, dist: DistInfo, flag_group: Any, log: MetricsLog | None, step: int,
                  steps_per_epoch: int) -> None:
     """kNN accuracy of the online backbone, computed on rank 0 while the other ranks wait, logged
-    as its own record. The RNG states are put back, so a monitored run trains as an unmonitored one.
+    as its own record. A monitored run trains as an unmonitored one: the monitor leaves the
+    backbone's mode and statistics as it found them, and no loader of the run reads the global
+    RNG (each draws from its seed, epoch and position), so the monitor's draws change nothing.
 
     SLURM signals every process of the job, so the monitor's loader workers must not see
     SIGTERM/SIGUSR2: the signals are held while it runs and handled at the next step boundary,
     which is why the monitor must stay well inside SLURM's signal lead (120 s)."""
     if dist.is_main:
-        rng = _rng_state()
         m = cfg.monitor
         epoch = round(step / steps_per_epoch, 4)
         try:
@@ -244,8 +260,6 @@ def _knn_monitor(cfg: Config, trainer: Trainer, dist: DistInfo, flag_group: Any,
             tqdm.write(f"epoch {epoch:g} (step {step}): kNN top-1 {result['top1']:.2f}%, "
                        f"top-5 {result['top5']:.2f}% ({result['n_val']} val against {result['n_train']})",
                        file=sys.stderr)
-        finally:
-            _set_rng(rng)
     if dist.is_distributed:
         torch_dist.barrier(group=flag_group)
 
