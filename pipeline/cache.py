@@ -37,7 +37,7 @@ def build_lock(target: Path) -> Iterator[bool]:
     with contextlib.ExitStack() as stack:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            f = stack.enter_context(open(target.with_name(f".{target.name}.lock"), "a+"))
+            f = stack.enter_context(_open_lock(target.with_name(f".{target.name}.lock")))
         except OSError as e:  # read-only or full: the caller's own write then fails and says so
             sys.stderr.write(f"warning: {target.parent} is not writable ({e.strerror}); "
                              "processes that start together each build it\n")
@@ -45,6 +45,15 @@ def build_lock(target: Path) -> Iterator[bool]:
         else:
             locked = _flock(f, target)
         yield locked
+
+
+def _open_lock(path: Path) -> IO[str]:
+    try:
+        return open(path, "a+")
+    except PermissionError:  # another user's lock file in a shared cache: flock needs no write access
+        if not path.exists():
+            raise
+        return open(path)
 
 
 def _flock(f: IO[str], target: Path) -> bool:
@@ -55,7 +64,7 @@ def _flock(f: IO[str], target: Path) -> bool:
             sys.stderr.write(f"waiting for another process building {target}\n")
             fcntl.flock(f, fcntl.LOCK_EX)
         return True
-    except OSError as e:  # ENOLCK: Lustre mounted without flock, NFS with nolock
+    except OSError as e:  # ENOLCK or ENOSYS: Lustre mounted without flock, NFS with nolock
         sys.stderr.write(f"warning: {target.parent} cannot be locked ({e.strerror}); "
                          "processes that start together each build it\n")
         return False

@@ -273,7 +273,9 @@ def launch_validate(a: argparse.Namespace) -> int:
     if not src.is_dir():
         raise UsageError(f"--src {src} is not a folder; pass an ImageFolder root (one subfolder per class)")
     _check_submit(a, res)
-    job = _submit(a, res, folder, validate_job, str(src), str(report), fix_list, a.workers or res.cpus_per_task)
+    # None: the job itself falls back to the cache if it cannot write beside the dataset after all.
+    chosen = str(report) if a.report or report == kept_report(src) else None
+    job = _submit(a, res, folder, validate_job, str(src), chosen, fix_list, a.workers or res.cpus_per_task)
     print(f"report (when done): {report}")
     return _wait_local(job) if a.local else 0
 

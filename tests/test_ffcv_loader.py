@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -207,6 +208,22 @@ def test_without_locks_a_build_leaves_other_builds_temporary_files(photo_train: 
     ld = FFCVMultiCropLoader(photo_train, RECIPE, 8, cache_dir=tmp_path)
     assert beside.exists() and ld.path.exists()
     assert "cannot be locked" in capsys.readouterr().err
+
+
+def test_another_users_lock_file_in_a_shared_cache_still_locks(tmp_path: Path) -> None:
+    """A group cache where another user made the lock file (mode 0644): flock needs only a read
+    descriptor, so this build still waits its turn instead of building unlocked beside theirs.
+    Root without CAP_DAC_OVERRIDE meets the file's mode as any other user would."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to drop the permission override")
+    target = tmp_path / "train.beton"
+    lock = tmp_path / f".{target.name}.lock"
+    lock.touch(mode=0o444)
+    code = ("import sys; from pathlib import Path; from pipeline.cache import build_lock\n"
+            "with build_lock(Path(sys.argv[1])) as locked: print(locked)")
+    done = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c", code,
+                           str(target)], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "True\n", "")
 
 
 def _mean_gradients(loader: MultiCropLoader, epochs: int) -> torch.Tensor:

@@ -205,15 +205,12 @@ def test_a_failing_knn_monitor_warns_and_training_goes_on(tiny_train: Path, tmp_
     assert err.count("warning: kNN monitor at step") == 2 and "could be decoded" in err
 
 
-@pytest.mark.slow
-def test_a_signal_during_the_knn_monitor_is_a_clean_preemption(tiny_train: Path, tmp_path: Path) -> None:
-    """SLURM signals the whole process group: the monitor's loader worker must not die of it, and
-    the trainer stops at the next step boundary as for any preemption."""
+def _during_the_monitor(tiny_train: Path, tmp_path: Path) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+    """A pretrain process whose first kNN monitor (at step 4, on 500-px photos) is running now."""
     bank = build_photo_folder(tmp_path / "bank", per_class_train=16, per_class_val=0, side=500) / "train"
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "mveb", "pretrain", "--config", "demo", "--data", str(tiny_train), "--out", str(run),
-           "--steps", str(STEPS), *TINY, "data.workers=1", "run.progress=true", "monitor.knn_every_epochs=1",
-           f"monitor.knn_train={bank}", f"monitor.knn_val={bank}"]
+    cmd = [sys.executable, "-m", "mveb", "pretrain", "--config", "demo", "--data", str(tiny_train),
+           "--out", str(tmp_path / "run"), "--steps", str(STEPS), *TINY, "data.workers=1", "run.progress=true",
+           "monitor.knn_every_epochs=1", f"monitor.knn_train={bank}", f"monitor.knn_val={bank}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     err: list[str] = []
     reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
@@ -224,15 +221,40 @@ def test_a_signal_during_the_knn_monitor_is_a_clean_preemption(tiny_train: Path,
         assert time.monotonic() < deadline, "the monitor never started"
         time.sleep(0.02)
     time.sleep(0.5)  # its worker process is running
+    return proc, err, reader
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_knn_monitor_is_a_clean_preemption(tiny_train: Path, tmp_path: Path) -> None:
+    """SLURM signals the whole process group: the monitor's loader worker must not die of it, and
+    the trainer stops at the next step boundary as for any preemption."""
+    proc, err, reader = _during_the_monitor(tiny_train, tmp_path)
     os.killpg(proc.pid, signal.SIGTERM)  # torch's workers die of SIGTERM (not of SIGUSR2, whose handler they inherit)
     out = proc.stdout.read()
     proc.wait(timeout=300)
     reader.join(timeout=10)
     assert proc.returncode == 0, "".join(err)[-3000:]
     assert "preempted" in out
-    records = _metrics(run)
+    records = _metrics(tmp_path / "run")
     assert [r["step"] for r in records if "knn_top1" in r] == [4]  # it finished, then the run stopped
-    assert load_checkpoint(latest_checkpoint(run))["step"] == 5
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["step"] == 5
+
+
+@pytest.mark.slow
+def test_a_job_killed_during_the_knn_monitor_resumes_training_without_it(tiny_train: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A monitor that kills its job (SIGKILL: out of memory, or SLURM past its grace time) is not
+    retried at the restart, where it could end every attempt at the same step."""
+    proc, _, reader = _during_the_monitor(tiny_train, tmp_path)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    run = tmp_path / "run"
+    summary = pretrain(_cfg(tiny_train, run, f"schedule.steps={STEPS}", "monitor.knn_every_epochs=1",
+                            f"monitor.knn_train={tiny_train}", f"monitor.knn_val={tiny_train.parent / 'val'}"))
+    assert summary["step"] == STEPS and summary["resumed_from"].endswith("step_00000004.pt")
+    assert "the kNN monitor at step 4 began but never ended" in capsys.readouterr().err
+    assert [r["step"] for r in _metrics(run) if "knn_top1" in r] == [STEPS]
 
 
 def test_a_runs_config_json_repeats_the_run(uninterrupted: Path, tiny_train: Path, tmp_path: Path) -> None:

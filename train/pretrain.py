@@ -7,6 +7,7 @@ minutes, on SIGTERM/SIGUSR2 at the next step boundary, and at the end.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -102,9 +103,9 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
 
     with PreemptionFlag() as preemption:
         preempted = False
-        # A preemption at a monitored step (or a kill during the monitor) saved that step and
-        # skipped the monitor: its record would never be written, the run's final one included.
-        if step and monitor_due(step) and _agree(dist, flag_group, dist.is_main and not _knn_logged(run_dir, step))[0]:
+        # A preemption at a monitored step saved that step and skipped the monitor: its record
+        # would never be written, the run's final one included.
+        if step and monitor_due(step) and _agree(dist, flag_group, dist.is_main and _knn_skipped(run_dir, step))[0]:
             _knn_monitor(cfg, trainer, dist, flag_group, log, step, steps_per_epoch)
         while step < stop and not preempted:
             loader.set_epoch(step // steps_per_epoch)
@@ -226,12 +227,26 @@ def _record(out: dict[str, Any], step: int, steps_per_epoch: int, trainer: Train
             "data_wait_fraction": wait_fraction, "skipped_steps": trainer.skipped_steps}
 
 
-def _knn_logged(run_dir: Path, step: int) -> bool:
+KNN_STARTED = ".knn_started"  # in the run folder: the step of the last monitor that began
+
+
+def _knn_skipped(run_dir: Path, step: int) -> bool:
+    """Whether the monitor at `step` never began (a preemption at that step). One that began and
+    left no record was killed there, perhaps for its own sake (out of memory): retrying it would
+    end every restart at the same step, so training goes on without it."""
     path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return False
-    with path.open() as f:
-        return any('"knn_top1"' in line and json.loads(line)["step"] == step for line in f)
+    if path.exists():
+        with path.open() as f:
+            if any('"knn_top1"' in line and json.loads(line)["step"] == step for line in f):
+                return False
+    try:
+        began = int((run_dir / KNN_STARTED).read_text())
+    except (OSError, ValueError):
+        began = -1
+    if began == step:
+        sys.stderr.write(f"warning: the kNN monitor at step {step} began but never ended (the job was killed "
+                         "during it); not retried, training goes on\n")
+    return began != step
 
 
 def _knn_monitor(cfg: Config, trainer: Trainer, dist: DistInfo, flag_group: Any, log: MetricsLog | None, step: int,
@@ -247,6 +262,8 @@ def _knn_monitor(cfg: Config, trainer: Trainer, dist: DistInfo, flag_group: Any,
     if dist.is_main:
         m = cfg.monitor
         epoch = round(step / steps_per_epoch, 4)
+        with contextlib.suppress(UsageError):  # a full disk: this monitor may then be run twice
+            write_atomic(Path(cfg.run.out) / KNN_STARTED, f"{step}\n")
         try:
             with PreemptionFlag.shield_children():
                 result = backbone_knn(trainer.online.backbone, m.knn_train, m.knn_val, cfg.data.recipe().global_size,
