@@ -258,9 +258,12 @@ def launch_validate(a: argparse.Namespace) -> int:
     res = _cluster_resources(a, "mveb-validate", nodes=1, gpus_per_node=0, tasks_per_node=1)
     src = Path(a.src).resolve()
     report = Path(a.report).resolve() if a.report else src.parent / f"{src.name}.validate.json"
+    # None: the job itself falls back to the cache if it cannot write beside the dataset after all.
+    chosen = str(report) if a.report else None
     if not a.report and src.is_dir() and not os.access(src.parent, os.W_OK):
         # A read-only dataset mount: the report goes where the DALI loader looks next.
         report = kept_report(src)
+        chosen = str(report)
         print(f"note: {src.parent} is not writable; the report is kept in the cache instead, where the DALI loader "
               "reads it (keep MVEB_CACHE_DIR the same for training)")
     folder = report.parent / f"{src.name}.validate.submitit"  # beside the report, which is writable
@@ -273,8 +276,6 @@ def launch_validate(a: argparse.Namespace) -> int:
     if not src.is_dir():
         raise UsageError(f"--src {src} is not a folder; pass an ImageFolder root (one subfolder per class)")
     _check_submit(a, res)
-    # None: the job itself falls back to the cache if it cannot write beside the dataset after all.
-    chosen = str(report) if a.report or report == kept_report(src) else None
     job = _submit(a, res, folder, validate_job, str(src), chosen, fix_list, a.workers or res.cpus_per_task)
     print(f"report (when done): {report}")
     return _wait_local(job) if a.local else 0
