@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 import traceback
 from pathlib import Path
@@ -85,7 +86,7 @@ def _pretrain(data: Path, run_dir: Path, minutes: float, loader: str) -> dict:
 def run_demo(out: Path, minutes: float = 3.0, loader: str = "ffcv") -> int:
     from mveb.errors import UsageError
 
-    if minutes <= 0:
+    if not 0 < minutes < math.inf:
         raise UsageError(f"--minutes must be positive, got {minutes}")
     from pipeline.demo_photos import build_photo_folder
     from train.config import get_config

@@ -12,6 +12,7 @@ installed, or fails, is reported with the reason and the others still run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import time
@@ -131,7 +132,7 @@ def bench_loaders(data: str | Path, backends: list[str], batch_size: int = 64, w
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
         raise UsageError(f"unknown backend(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(BACKENDS)}")
-    if seconds <= 0 or batch_size < 1:
+    if not 0 < seconds < math.inf or batch_size < 1:
         raise UsageError("--seconds must be positive and --batch-size at least 1")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():

@@ -30,6 +30,13 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def decoding_processes(workers: int | None) -> int:
+    """--workers of the CPU-only commands (validate, shards): unset means one per usable CPU."""
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be at least 1 (unset: one per CPU), got {workers}")
+    return workers or usable_cpus()
+
+
 def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 

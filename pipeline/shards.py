@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 from mveb.errors import UsageError
 from mveb.files import write_atomic
 
-from .images import Sample, read_class_file, to_rgb8, usable_cpus
+from .images import Sample, decoding_processes, read_class_file, to_rgb8
 from .recipe import SHARD_MAX_RES
 from .validate import scan
 
@@ -194,6 +194,9 @@ def build_shard(src: str | Path, out: str | Path, max_res: int = SHARD_MAX_RES, 
         raise UsageError(f"--quality must be in 1..100, got {quality}")
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1, got {limit}")
+    if timeout_s is not None and not timeout_s > 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, got {timeout_s}")
+    workers = decoding_processes(workers)
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name such as {out / 'train.beton'}")
     try:
@@ -202,7 +205,6 @@ def build_shard(src: str | Path, out: str | Path, max_res: int = SHARD_MAX_RES, 
         raise UsageError(f"cannot create {out.parent}: {e.strerror}") from None
     if isinstance(classes, (str, Path)):
         classes = read_class_file(classes)
-    workers = max(1, workers or usable_cpus())
 
     result = scan(src, workers, classes, progress=progress)
     samples = _choose(result.good, limit)

@@ -104,6 +104,10 @@ class MultiCropAugment:
         return [self.view(img, spec, rng) for spec in self.views]
 
 
+class _NothingDecodable(Exception):
+    """Raised in a worker; DataLoader re-raises it in the trainer by type, its text a traceback."""
+
+
 class _MultiCropDataset(Dataset):
     """Indexed by (epoch, sample index), so a sample's augmentation never depends on who asks."""
 
@@ -125,7 +129,7 @@ class _MultiCropDataset(Dataset):
             except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
                 sys.stderr.write(f"warning: cannot decode {path} ({e}); using the next file instead. "
                                  "Run `mveb validate` and train from its --fix-list.\n")
-        raise RuntimeError("no file of the dataset can be decoded")
+        raise _NothingDecodable()
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[list[np.ndarray], int]:
         epoch, index = key
@@ -237,7 +241,11 @@ class TorchMultiCropLoader:
         workers = min(self.workers, len(keys))
         loader = DataLoader(self._dataset, batch_sampler=keys, num_workers=workers, collate_fn=collate,
                             pin_memory=self.device.type == "cuda")
-        for g, loc, labels in loader:
-            self.batches_done += 1
-            yield MultiCropBatch(self._finish(g), self._finish(loc), labels.to(self.device, non_blocking=True))
+        try:
+            for g, loc, labels in loader:
+                self.batches_done += 1
+                yield MultiCropBatch(self._finish(g), self._finish(loc), labels.to(self.device, non_blocking=True))
+        except _NothingDecodable:
+            raise UsageError(f"none of the {len(self.samples)} images can be decoded (the first is "
+                             f"{self.samples[0][0]}); run `mveb validate` on the set") from None
         self.epoch, self.batches_done = self.epoch + 1, 0

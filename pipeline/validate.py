@@ -20,7 +20,7 @@ from mveb.errors import UsageError
 from mveb.files import write_atomic
 
 from .cache import cache_dir, cache_name
-from .images import Sample, list_image_folder, usable_cpus, why_undecodable
+from .images import Sample, decoding_processes, list_image_folder, why_undecodable
 
 
 @dataclass
@@ -42,7 +42,7 @@ def scan(src: str | Path, workers: int | None = None, classes: list[str] | None 
     """Fully decode every image under `src` in `workers` processes; sort good from bad."""
     start = time.perf_counter()
     class_names, samples = list_image_folder(src, classes)
-    workers = max(1, workers or usable_cpus())
+    workers = decoding_processes(workers)
     paths = [p for p, _ in samples]
     bar = tqdm(total=len(paths), desc="decode", unit="img", disable=not progress, smoothing=0.1)
     if workers == 1 or len(paths) < 64:

@@ -46,3 +46,23 @@ def test_bench_step_refuses_a_batch_or_step_count_it_would_not_run(argv: list[st
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["validate", "--src", "DATA", "--workers", "0"], "--workers must be at least 1"),
+    (["shards", "--src", "DATA", "--out", "OUT/x.beton", "--workers", "-3"], "--workers must be at least 1"),
+    (["shards", "--src", "DATA", "--out", "OUT/x.beton", "--timeout", "0"], "--timeout must be a positive number"),
+    (["knn", "--train", "DATA", "--val", "DATA", "--temperature", "nan"], "--temperature > 0, got 200 and nan"),
+    (["lineval", "--train", "DATA", "--val", "DATA", "--lr", "nan"], "--lr > 0, got 100 and nan"),
+    (["demo", "--out", "OUT", "--minutes", "nan"], "--minutes must be positive, got nan"),
+    (["bench", "loader", "--data", "DATA", "--seconds", "nan"], "--seconds must be positive"),
+])
+def test_a_number_that_would_do_nothing_is_one_line(argv: list[str], message: str, photo_train, tmp_path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # Each was once silently taken (0 or a negative count as "all CPUs", NaN passing `<= 0`)
+    # or failed only after the work, as a traceback.
+    argv = [a.replace("DATA", str(photo_train)).replace("OUT", str(tmp_path / "out")) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

@@ -290,6 +290,17 @@ def test_batch_size_flag_replaces_a_runs_saved_global_batch(uninterrupted: Path,
     (["data.loader=dali", "data.dali_tuning=prefetch=0"], "prefetch must be at least 1"),
     (["monitor.knn_every_epochs=5"], "monitor.knn_train='': the kNN monitor needs a labelled ImageFolder"),
     (["monitor.knn_every_epochs=-1"], "monitor.knn_every_epochs must be 0 (off) or more"),
+    # Each once failed only inside the loop (a ZeroDivisionError at the first step, a
+    # ValueError from the loss or DataLoader) or trained on nonsense (a NaN learning rate).
+    (["run.checkpoint_every_steps=0"], "run.checkpoint_every_steps=0; it must be at least 1"),
+    (["run.log_every_steps=0"], "run.log_every_steps=0; it must be at least 1"),
+    (["loss.impl=bogus"], "loss.impl='bogus'; use one of auto, triton, torch, reference"),
+    (["data.workers=-1"], "data.workers=-1; it must be 0"),
+    (["optim.base_lr=nan"], "optim.base_lr=nan; it must be a positive number"),
+    (["schedule.ema_momentum=2"], "schedule.ema_momentum=2.0; it must be in [0, 1]"),
+    (["model.proj_dim=0"], "model.proj_dim=0; it must be at least 1"),
+    (["dist.backend=mpi"], "dist.backend='mpi'; use one of auto, nccl, gloo"),
+    (["--epochs", "1"], "schedule.warmup_epochs=2 with 1 epochs; it must be 0 to 1"),
     (["monitor.knn_every_epochs=1", "monitor.knn_train=TINY", "monitor.knn_val=PHOTOS"],
      "monitor.knn_train and monitor.knn_val have different class folders (4 and 12)"),
 ])
@@ -427,3 +438,33 @@ def test_monitor_sets_compare_the_classes_the_loaders_read(tiny_train: Path, tmp
     cfg = get_config("demo", [f"data.path={tiny_train}", "monitor.knn_every_epochs=1",
                               f"monitor.knn_train={tiny_train}", f"monitor.knn_val={val}"])
     check_config(cfg, 1)
+
+
+def test_an_error_mid_epoch_ends_the_process_despite_its_loader_workers(tiny_train: Path, tmp_path: Path) -> None:
+    # The workers block SIGTERM (so that SLURM's signal reaches only the trainer), and the
+    # error's traceback keeps them alive: the interpreter's exit then waited on them forever.
+    script = ("import sys, train.step\n"
+              "def fail(self, batch, step): raise RuntimeError('injected step failure')\n"
+              "train.step.Trainer.step = fail\n"
+              "from mveb.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    argv = ["pretrain", "--config", "demo", "--data", str(tiny_train), "--out", str(tmp_path / "run"),
+            *[a for a in TINY if not a.startswith("data.workers")], "data.workers=1"]
+    r = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "RuntimeError: injected step failure" in r.stderr, r.stderr[-2000:]
+    assert "DataLoader worker" not in r.stderr  # the workers' ends are not reported as failures
+
+
+def test_a_set_no_file_of_which_decodes_is_one_line_with_loader_workers(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "broken"
+    for c in ("a", "b"):
+        (broken / c).mkdir(parents=True)
+        for i in range(4):
+            (broken / c / f"{i}.jpg").write_bytes(b"not a jpeg")
+    argv = ["pretrain", "--config", "demo", "--data", str(broken), "--out", str(tmp_path / "run"),
+            *[a for a in TINY if not a.startswith("data.workers")], "data.workers=1"]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert err == [f"mveb pretrain: error: none of the 8 images can be decoded (the first is {broken}/a/0.jpg); "
+                   "run `mveb validate` on the set"], err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,10 +197,20 @@ def check_config(cfg: Config, world_size: int) -> None:
         d.batch_size = d.global_batch_size // world_size
     if d.batch_size < 2:
         raise UsageError(f"batch size per process is {d.batch_size}; MVEB's entropy needs at least 2 samples")
-    if s.epochs < 1 or not 0 <= s.warmup_epochs <= s.epochs:
-        raise UsageError(f"need epochs >= 1 and 0 <= warmup_epochs <= epochs, got {s.epochs} and {s.warmup_epochs}")
+    if s.epochs < 1:
+        raise UsageError(f"schedule.epochs={s.epochs}; it must be at least 1")
+    if not 0 <= s.warmup_epochs <= s.epochs:
+        raise UsageError(f"schedule.warmup_epochs={s.warmup_epochs} with {s.epochs} epochs; it must be 0 to "
+                         f"{s.epochs} (set schedule.warmup_epochs=N with --epochs)")
     if s.steps is not None and s.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {s.steps}")
+    _check_ranges(cfg)
+    from kernels import IMPLS
+
+    for key, value, allowed in (("loss.impl", cfg.loss.impl, IMPLS), ("dist.backend", cfg.dist.backend,
+                                                                        ("auto", "nccl", "gloo"))):
+        if value not in allowed:
+            raise UsageError(f"{key}={value!r}; use one of {', '.join(allowed)}")
     if cfg.model.sync_bn_group not in ("world", "node"):
         raise UsageError(f"model.sync_bn_group={cfg.model.sync_bn_group!r}; use world (all GPUs) or node (one host's)")
     if cfg.loss.entropy_batch not in ("local", "global"):
@@ -223,6 +234,35 @@ def check_config(cfg: Config, world_size: int) -> None:
     r = cfg.run.resume
     if r not in ("auto", "none") and not Path(r).is_file():
         raise UsageError(f"--resume {r}: no such checkpoint; pass auto, none or a checkpoint file")
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Numbers that would train nothing, or fail only hours in (a zero interval is a division
+    by zero at the first step; a NaN learning rate a run of NaN losses). NaN fails every test."""
+    d, m, o, s, l, r = cfg.data, cfg.model, cfg.optim, cfg.schedule, cfg.loss, cfg.run
+    checks = (
+        ("data.workers", d.workers, d.workers >= 0, "0 (decode in the training process) or more"),
+        ("data.seed", d.seed, d.seed >= 0, "0 or more"),
+        ("model.proj_hidden", m.proj_hidden, m.proj_hidden >= 1, "at least 1"),
+        ("model.proj_dim", m.proj_dim, m.proj_dim >= 1, "at least 1"),
+        ("optim.base_lr", o.base_lr, 0 < o.base_lr < math.inf, "a positive number"),
+        ("optim.weight_decay", o.weight_decay, 0 <= o.weight_decay < math.inf, "0 or more"),
+        ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
+        ("optim.trust_coefficient", o.trust_coefficient, 0 < o.trust_coefficient < math.inf, "a positive number"),
+        ("optim.min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
+        ("schedule.ema_momentum", s.ema_momentum, 0 <= s.ema_momentum <= 1, "in [0, 1]"),
+        ("loss.lam", l.lam, 0 <= l.lam < math.inf, "0 or more"),
+        ("loss.eta", l.eta, 0 < l.eta < math.inf, "a positive number (the ridge that keeps K + eta I invertible)"),
+        ("loss.min_tau", l.min_tau, 0 < l.min_tau < math.inf, "a positive number"),
+        ("run.checkpoint_every_steps", r.checkpoint_every_steps, r.checkpoint_every_steps >= 1, "at least 1"),
+        ("run.checkpoint_every_minutes", r.checkpoint_every_minutes, r.checkpoint_every_minutes > 0,
+         "a positive number (inf: by steps only)"),
+        ("run.log_every_steps", r.log_every_steps, r.log_every_steps >= 1, "at least 1"),
+        ("dist.timeout_minutes", cfg.dist.timeout_minutes, cfg.dist.timeout_minutes > 0, "a positive number"),
+    )
+    for key, value, ok, need in checks:
+        if not ok:
+            raise UsageError(f"{key}={value}; it must be {need}")
 
 
 def get_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from typing import Callable
 from pathlib import Path
@@ -75,7 +76,7 @@ def backbone_knn(backbone: torch.nn.Module, train: str | Path, val: str | Path, 
 def run_knn(args: argparse.Namespace) -> dict:
     """`mveb knn`: features of --train (the bank) and --val, weighted kNN, one-line table and JSON."""
     check_eval_options(args.image_size, args.batch_size, args.workers)
-    if args.k < 1 or args.temperature <= 0:
+    if args.k < 1 or not 0 < args.temperature < math.inf:
         raise UsageError(f"need --k >= 1 and --temperature > 0, got {args.k} and {args.temperature}")
     return run_eval(args, "kNN", lambda backbone, device: backbone_knn(
         backbone, args.train, args.val, args.image_size, args.batch_size, device, args.k, args.temperature,

@@ -253,9 +253,9 @@ def _linear_eval(backbone: nn.Module, train: str, val: str, image_size: int, bat
 def run_lineval(args: argparse.Namespace) -> dict:
     """`mveb lineval`: one-line table and JSON; with --out also DIR/lineval.json."""
     check_eval_options(args.image_size, args.batch_size, args.workers)
-    if args.epochs < 1 or args.lr <= 0:
+    if args.epochs < 1 or not 0 < args.lr < math.inf:
         raise UsageError(f"need --epochs >= 1 and --lr > 0, got {args.epochs} and {args.lr}")
-    if args.checkpoint_minutes <= 0:
+    if not args.checkpoint_minutes > 0:  # inf: at epoch ends only
         raise UsageError(f"--checkpoint-minutes must be positive, got {args.checkpoint_minutes}")
     mode = "precomputed centre crops" if args.precompute else "augmented"
     result = run_eval(args, "linear eval", lambda backbone, device: linear_eval(

@@ -6,6 +6,9 @@ returns, so a signal never lands in the middle of an optimizer step or a checkpo
 
 from __future__ import annotations
 
+import atexit
+import functools
+import multiprocessing
 import signal
 import sys
 from contextlib import contextmanager
@@ -48,8 +51,26 @@ class PreemptionFlag:
         here inherit the blocked mask and never see the signal; the trainer gets it as soon
         as the block lifts, and shuts its workers down itself.
         """
+        _kill_shielded_children_at_exit()
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             yield
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@functools.cache
+def _kill_shielded_children_at_exit() -> None:
+    """At exit, multiprocessing stops daemonic children (DataLoader workers) with SIGTERM and
+    then joins them; shielded workers never see it, and the join waits forever. That is the exit
+    after an error raised mid-epoch: the traceback keeps the loader's iterator (and its
+    workers) alive. atexit runs handlers last-registered first, so this one, registered after
+    multiprocessing's, kills them before that join."""
+    def kill() -> None:
+        # DataLoader's SIGCHLD handler would report each kill as a worker failure.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+
+    atexit.register(kill)
