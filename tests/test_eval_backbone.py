@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -142,3 +143,32 @@ def test_a_full_disk_is_a_one_line_error_leaving_no_file(command: str, run_dir: 
     err = capsys.readouterr().err  # knn's progress bars come first
     assert "Traceback" not in err and err.strip().splitlines()[-1].endswith("No space left on device")
     assert sorted(p.name for p in disk.rglob("*")) == ["fill"] + (["plots"] if command == "report" else [])
+
+
+def test_export_refuses_to_replace_a_training_checkpoint(run_dir: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # Once written silently: the run's next resume then failed on KeyError 'model'.
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    newest = latest_checkpoint(run)
+    before = newest.read_bytes()
+    for out in (newest, newest.with_name("step_99999999.pt")):
+        assert "checkpoint folder" in _one_line_error(["export", str(run), "--out", str(out)], capsys)
+    kept = shutil.copy(newest, tmp_path / "kept.pt")
+    assert "the checkpoint being read" in _one_line_error(["export", str(kept), "--out", str(kept)], capsys)
+    assert torch.load(kept, weights_only=True).keys() == torch.load(newest, weights_only=True).keys()
+    assert "is a folder" in _one_line_error(["export", str(run), "--out", f"{tmp_path}/new/"], capsys)
+    assert latest_checkpoint(run) == newest and newest.read_bytes() == before
+    assert not (tmp_path / "new").exists()
+
+
+def test_resuming_from_an_exported_backbone_is_a_one_line_error(run_dir: Path, photo_train: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    exported = export_backbone(run, tmp_path / "b.pth")
+    argv = ["pretrain", "--config", str(run / "config.json"), "--data", str(photo_train), "--out", str(run),
+            "--steps", "3"]
+    err = _one_line_error(argv + ["--resume", str(exported)], capsys)
+    assert f"{exported} is not a pretraining checkpoint (it has no model, momentum, optimizer" in err
+    # Put where the run keeps its checkpoints (by hand: export refuses), it is the newest one.
+    shutil.copy(exported, latest_checkpoint(run).with_name("step_99999999.pt"))
+    assert "step_99999999.pt is not a pretraining checkpoint" in _one_line_error(argv, capsys)

@@ -37,6 +37,12 @@ def checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def is_checkpoint_path(path: str | Path) -> bool:
+    """Whether a file at `path` would be taken for one of its run's checkpoints."""
+    path = Path(path)
+    return path.parent.name == checkpoint_dir("").name and bool(_NAME.match(path.name))
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = checkpoints(run_dir)
     return found[-1] if found else None

@@ -36,6 +36,9 @@ from .preemption import PreemptionFlag
 from .run_lock import hold_run_folder
 from .step import Trainer, amp_dtype
 
+RESUME_KEYS = ("model", "momentum", "optimizer", "step", "loader", "rng")  # what _save writes and a resume reads
+
+
 def pretrain(cfg: Config) -> dict[str, Any]:
     """Train; return {"step", "loss" (the last logged, mean over ranks), "run_dir", "preempted", "rank",
     "skipped_steps", "resumed_from"}."""
@@ -169,9 +172,14 @@ def _train(cfg: Config, dist: DistInfo) -> dict[str, Any]:
 def _resume_state(cfg: Config, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     if cfg.run.resume == "none":
         return None
-    if cfg.run.resume == "auto":
-        return load_latest(run_dir)
-    return Path(cfg.run.resume), load_checkpoint(cfg.run.resume)
+    found = load_latest(run_dir) if cfg.run.resume == "auto" else (Path(cfg.run.resume), load_checkpoint(cfg.run.resume))
+    if found is not None:
+        path, state = found
+        missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise UsageError(f"{path} is not a pretraining checkpoint (it has no {', '.join(missing)}; an exported "
+                             "backbone?): move it out of the run, or pass --resume none to start afresh")
+    return found
 
 
 def _rank_state(state: dict[str, Any], dist: DistInfo) -> dict[str, Any]:
