@@ -301,6 +301,9 @@ def test_batch_size_flag_replaces_a_runs_saved_global_batch(uninterrupted: Path,
     (["model.proj_dim=0"], "model.proj_dim=0; it must be at least 1"),
     (["dist.backend=mpi"], "dist.backend='mpi'; use one of auto, nccl, gloo"),
     (["--epochs", "1"], "schedule.warmup_epochs=2 with 1 epochs; it must be 0 to 1"),
+    # An empty --out trained into the working directory; one inside the data became a class.
+    (["--out", ""], "no run folder given; pass --out DIR"),
+    (["--out", "TINY/runs/a"], "/runs/a is inside --data"),
     (["monitor.knn_every_epochs=1", "monitor.knn_train=TINY", "monitor.knn_val=PHOTOS"],
      "monitor.knn_train and monitor.knn_val have different class folders (4 and 12)"),
 ])
@@ -312,11 +315,12 @@ def test_bad_config_is_one_line(argv: list[str], message: str, tiny_train: Path,
     base = ["pretrain", "--config", "demo", "--data", str(tiny_train), "--out", str(tmp_path / "run")]
     if any("PHOTOS" in a for a in argv):  # 12 class folders against tiny_train's 4
         photos = build_photo_folder(tmp_path / "photos", per_class_train=1, per_class_val=0, side=48) / "train"
-        argv = [a.replace("TINY", str(tiny_train)).replace("PHOTOS", str(photos)) for a in argv]
+        argv = [a.replace("PHOTOS", str(photos)) for a in argv]
+    argv = [a.replace("TINY", str(tiny_train)) for a in argv]
     assert main(base + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and not (tiny_train / "runs").exists()
 
 
 def _one_step(loader_name: str, impl: str, data: Path) -> dict:

@@ -231,6 +231,15 @@ def check_config(cfg: Config, world_size: int) -> None:
         if len(folders) == 2 and folders[0] != folders[1]:  # found now, not at the first monitor hours in
             raise UsageError(f"monitor.knn_train and monitor.knn_val have different class folders "
                              f"({len(folders[0])} and {len(folders[1])}); the labels must mean the same")
+    out = Path(cfg.run.out).resolve()
+    if not cfg.run.out.strip():
+        raise UsageError("no run folder given; pass --out DIR")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {cfg.run.out} is a file; the run folder must be a folder (new or a run's)")
+    for key, path in (("--data", d.path), ("monitor.knn_train", m.knn_train), ("monitor.knn_val", m.knn_val)):
+        # A run folder inside an ImageFolder would be read as one of its classes by the next job.
+        if path and Path(path).is_dir() and out.is_relative_to(Path(path).resolve()):
+            raise UsageError(f"--out {cfg.run.out} is inside {key} {path}; put the run folder outside the data")
     r = cfg.run.resume
     if r not in ("auto", "none") and not Path(r).is_file():
         raise UsageError(f"--resume {r}: no such checkpoint; pass auto, none or a checkpoint file")
