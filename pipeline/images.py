@@ -61,6 +61,20 @@ def find_classes(root: str | Path, classes: list[str] | None = None) -> list[str
     return list(classes)
 
 
+def check_same_class_folders(train: tuple[str, str | Path], val: tuple[str, str | Path]) -> None:
+    """(option, path) of a labelled pair: where both are ImageFolders, the class folders the
+    loaders will read (hidden ones left out) must match, found before any image is decoded."""
+    if not (train[1] and val[1] and Path(train[1]).is_dir() and Path(val[1]).is_dir()):
+        return  # a .beton carries its own labels: compared once read
+    try:
+        a, b = find_classes(train[1]), find_classes(val[1])
+    except OSError as e:
+        raise UsageError(f"{train[0]} and {val[0]} cannot be read: {e}") from None
+    if a != b:
+        raise UsageError(f"{train[0]} and {val[0]} have different class folders ({len(a)} and {len(b)}); "
+                         "the labels must mean the same")
+
+
 def list_image_folder(root: str | Path, classes: list[str] | None = None) -> tuple[list[str], list[Sample]]:
     """(classes, [(path, label), ...]) of an ImageFolder tree, files sorted within each class.
 

@@ -172,3 +172,27 @@ def test_resuming_from_an_exported_backbone_is_a_one_line_error(run_dir: Path, p
     # Put where the run keeps its checkpoints (by hand: export refuses), it is the newest one.
     shutil.copy(exported, latest_checkpoint(run).with_name("step_99999999.pt"))
     assert "step_99999999.pt is not a pretraining checkpoint" in _one_line_error(argv, capsys)
+
+
+def test_different_class_folders_are_found_before_any_feature(photo_root: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    few = tmp_path / "few"
+    for c in sorted(p.name for p in (photo_root / "val").iterdir())[:3]:
+        shutil.copytree(photo_root / "val" / c, few / c)
+    for command in ("knn", "lineval"):  # once found only after extracting both sets' features
+        err = _one_line_error([command, "--arch", "resnet18", "--image-size", "32", "--workers", "0",
+                               "--train", str(photo_root / "train"), "--val", str(few)], capsys)
+        assert "--train and --val have different class folders (12 and 3)" in err
+
+
+def test_lineval_on_a_train_set_no_image_of_which_decodes_is_an_error(photo_root: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "broken"
+    for c in (photo_root / "val").iterdir():
+        (broken / c.name).mkdir(parents=True)
+        (broken / c.name / "x.jpg").write_bytes(b"not a jpeg")
+    # Augmented: once a head that never trained, scored at chance, and exit 0.
+    assert main(["lineval", "--arch", "resnet18", "--image-size", "32", "--epochs", "2", "--workers", "0",
+                 "--train", str(broken), "--val", str(photo_root / "val")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("error: no --train image could be decoded (12 unreadable); run mveb validate on it"), err

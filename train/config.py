@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mveb.errors import UsageError
-from pipeline.images import find_classes
+from pipeline.images import check_same_class_folders
 from pipeline.recipe import DEFAULT_RECIPE, MultiCropRecipe
 
 
@@ -224,13 +224,8 @@ def check_config(cfg: Config, world_size: int) -> None:
         for key, path in (("monitor.knn_train", m.knn_train), ("monitor.knn_val", m.knn_val)):
             if not path or not Path(path).exists():
                 raise UsageError(f"{key}={path!r}: the kNN monitor needs a labelled ImageFolder or .beton there")
-        try:  # the classes the loaders will read (hidden folders such as .ipynb_checkpoints left out)
-            folders = [find_classes(p) for p in (m.knn_train, m.knn_val) if Path(p).is_dir()]
-        except OSError as e:
-            raise UsageError(f"the kNN monitor's sets cannot be read: {e}") from None
-        if len(folders) == 2 and folders[0] != folders[1]:  # found now, not at the first monitor hours in
-            raise UsageError(f"monitor.knn_train and monitor.knn_val have different class folders "
-                             f"({len(folders[0])} and {len(folders[1])}); the labels must mean the same")
+        # Found now, not at the first monitor hours in.
+        check_same_class_folders(("monitor.knn_train", m.knn_train), ("monitor.knn_val", m.knn_val))
     out = Path(cfg.run.out).resolve()
     if not cfg.run.out.strip():
         raise UsageError("no run folder given; pass --out DIR")

@@ -120,6 +120,9 @@ def train_head(head: nn.Module, epochs: int, batches: _ShuffledFeatures | _Augme
                                     f"batch {at.batch}/{steps} of epoch {epoch + 1}/{epochs}")
         finally:
             epoch_batches.close()
+        if not at.seen:  # else a head that never trained scores chance, and the run exits 0
+            raise UsageError(f"no --train image could be decoded ({len(set(batches.skipped))} unreadable); "
+                             "run mveb validate on it")
         at = _Progress(epoch + 1, epoch_loss=at.loss_sum / max(at.seen, 1))
         if run is not None:
             run.save_state(state(), (epoch + 1) * steps)
