@@ -176,6 +176,19 @@ def _choose(samples: list[Sample], limit: int | None) -> list[Sample]:
     return [samples[i] for i in keep]
 
 
+def check_shard_options(max_res: int, quality: int, limit: int | None, timeout_s: float | None) -> None:
+    """UsageError for a bad --max-res, --quality, --limit or --timeout; slurm/launch.py checks them
+    too, before it submits a job that would only fail once it runs."""
+    if max_res < 8:
+        raise UsageError(f"--max-res must be at least 8, got {max_res}")
+    if not 1 <= quality <= 100:
+        raise UsageError(f"--quality must be in 1..100, got {quality}")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {limit}")
+    if timeout_s is not None and not timeout_s > 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, got {timeout_s}")
+
+
 def build_shard(src: str | Path, out: str | Path, max_res: int = SHARD_MAX_RES, quality: int = 90,
                 workers: int | None = None, limit: int | None = None,
                 classes: str | Path | list[str] | None = None, timeout_s: float | None = None,
@@ -188,14 +201,7 @@ def build_shard(src: str | Path, out: str | Path, max_res: int = SHARD_MAX_RES, 
     """
     start = time.perf_counter()
     out = Path(out)
-    if max_res < 8:
-        raise UsageError(f"--max-res must be at least 8, got {max_res}")
-    if not 1 <= quality <= 100:
-        raise UsageError(f"--quality must be in 1..100, got {quality}")
-    if limit is not None and limit < 1:
-        raise UsageError(f"--limit must be at least 1, got {limit}")
-    if timeout_s is not None and not timeout_s > 0:
-        raise UsageError(f"--timeout must be a positive number of seconds, got {timeout_s}")
+    check_shard_options(max_res, quality, limit, timeout_s)
     workers = decoding_processes(workers)
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name such as {out / 'train.beton'}")

@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -175,13 +176,38 @@ def _submit(a: argparse.Namespace, res: Resources, folder: Path, fn: Callable[..
     return job
 
 
+def _last_error(trace: str) -> str:
+    """The exception line of a formatted traceback, its class named without its module."""
+    lines = trace.strip().splitlines()
+    # Frames and their source lines are indented; the exception line is the first one after the last of them.
+    frames_end = max((i + 1 for i, line in enumerate(lines) if line[:1].isspace()), default=0)
+    name, sep, message = lines[min(frames_end, len(lines) - 1)].partition(": ")
+    if re.fullmatch(r"[\w.]+", name):
+        name = name.rsplit(".", 1)[-1]
+    return name + sep + message
+
+
 def _wait_local(job: Any) -> int:
-    """--local runs in the foreground: print rank 0's result; Ctrl-C cancels the job."""
+    """--local runs in the foreground: print rank 0's result, or the failed task's error in one line as
+    the CLI would (exit code 2 for a UsageError, else 1); Ctrl-C cancels the job."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
     try:
         result = job.results()[0]
     except KeyboardInterrupt:
         job.cancel()
         raise
+    except UncompletedJobError as e:  # FailedJobError too: the task raised
+        # results() raised the error of the failed task with the smallest id; its log is the one to read.
+        failed = next((t for t in map(job.task, range(job.num_tasks)) if t.exception() is not None), job)
+        # submitit's message holds the task's traceback between two rules of dashes.
+        trace = re.search(r"^-+\n(.*)\n-+$", str(e), flags=re.MULTILINE | re.DOTALL)
+        if isinstance(e, FailedJobError) and trace is not None:
+            reason = _last_error(trace.group(1))
+        else:  # killed (out of memory, a signal): no traceback to quote
+            reason = f"the task left no result (state: {failed.state})"
+        sys.stderr.write(f"{PROG}: error: the job failed: {reason}; full log: {failed.paths.stderr}\n")
+        return 2 if reason.startswith("UsageError: ") else 1
     print(json.dumps(result, indent=1, default=str))
     return 0
 
@@ -206,6 +232,9 @@ def launch_training(a: argparse.Namespace) -> int:
     cfg.data.batch_size, cfg.data.global_batch_size = plan.per_rank, None
     run_dir = Path(cfg.run.out)
     folder = run_dir / "submitit"
+    # A dry run without --data shows the plan alone; given --data, it fails where the submission would.
+    if a.data is not None or not a.dry_run:
+        check_config(cfg, res.world_size)
 
     _print_plan(res, plan)
     print(f"run folder: {run_dir}")
@@ -216,7 +245,6 @@ def launch_training(a: argparse.Namespace) -> int:
 
     from slurm.job import TrainJob
 
-    check_config(cfg, res.world_size)
     _check_submit(a, res)
     job = _submit(a, res, folder, TrainJob(cfg.to_dict()))
     write_atomic(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -230,10 +258,21 @@ def launch_training(a: argparse.Namespace) -> int:
     return _wait_local(job) if a.local else 0
 
 
+def _job_workers(a: argparse.Namespace, res: Resources) -> int:
+    """--workers of a CPU job, checked here: the job would fail on a bad one only once it runs."""
+    from pipeline.images import decoding_processes
+
+    # Unset means one per CPU of the job's task, not of this login node.
+    return decoding_processes(a.workers if a.workers is not None else res.cpus_per_task)
+
+
 def launch_shards(a: argparse.Namespace) -> int:
+    from pipeline.shards import check_shard_options
     from slurm.job import shard_job
 
     res = _cluster_resources(a, "mveb-shards", nodes=1, gpus_per_node=0, tasks_per_node=1)
+    check_shard_options(a.max_res, a.quality, a.limit, a.timeout)
+    workers = _job_workers(a, res)
     src, out = Path(a.src).resolve(), Path(a.out).resolve()
     folder = out.parent / f"{out.name}.submitit"
     _print_plan(res, None)
@@ -245,7 +284,7 @@ def launch_shards(a: argparse.Namespace) -> int:
         raise UsageError(f"--src {src} is not a folder; pass an ImageFolder root (one subfolder per class)")
     _check_submit(a, res)
     job = _submit(a, res, folder, shard_job, str(src), str(out), max_res=a.max_res, quality=a.quality,
-                  workers=a.workers or res.cpus_per_task, limit=a.limit, classes=a.classes, timeout_s=a.timeout,
+                  workers=workers, limit=a.limit, classes=a.classes, timeout_s=a.timeout,
                   progress=False)
     print(f"report (when done): {out}.report.json")
     return _wait_local(job) if a.local else 0
@@ -256,6 +295,7 @@ def launch_validate(a: argparse.Namespace) -> int:
     from slurm.job import validate_job
 
     res = _cluster_resources(a, "mveb-validate", nodes=1, gpus_per_node=0, tasks_per_node=1)
+    workers = _job_workers(a, res)
     src = Path(a.src).resolve()
     report = Path(a.report).resolve() if a.report else src.parent / f"{src.name}.validate.json"
     # None: the job itself falls back to the cache if it cannot write beside the dataset after all.
@@ -276,12 +316,13 @@ def launch_validate(a: argparse.Namespace) -> int:
     if not src.is_dir():
         raise UsageError(f"--src {src} is not a folder; pass an ImageFolder root (one subfolder per class)")
     _check_submit(a, res)
-    job = _submit(a, res, folder, validate_job, str(src), chosen, fix_list, a.workers or res.cpus_per_task)
+    job = _submit(a, res, folder, validate_job, str(src), chosen, fix_list, workers)
     print(f"report (when done): {report}")
     return _wait_local(job) if a.local else 0
 
 
 def launch_bench(a: argparse.Namespace) -> int:
+    from mveb.bench_step import check_counts
     from slurm.job import bench_job
 
     res = _cluster_resources(a, "mveb-bench", nodes=a.nodes, gpus_per_node=a.gpus_per_node,
@@ -289,6 +330,7 @@ def launch_bench(a: argparse.Namespace) -> int:
     if res.world_size < 2:
         raise UsageError(f"world size {res.world_size}: the DDP cost needs 2 tasks or more "
                          "(for one GPU run `mveb bench step` directly)")
+    check_counts(a.batch_size, a.steps)
     out = Path(a.out).resolve()
     _print_plan(res, None)
     print(f"report (when done): {out / 'bench.json'}")

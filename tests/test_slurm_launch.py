@@ -173,6 +173,66 @@ def test_no_sbatch_suggests_local_or_dry_run(capsys: pytest.CaptureFixture[str],
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("missing, overrides, expect", [
+    (True, [], "does not exist"),
+    (False, ["optim.base_lr=nan"], "optim.base_lr=nan; it must be a positive number"),
+    (False, ["run.log_every_steps=0"], "run.log_every_steps=0; it must be at least 1"),
+])
+def test_dry_run_with_data_checks_the_config(capsys: pytest.CaptureFixture[str], tmp_path: Path, photo_train: Path,
+                                             missing: bool, overrides: list[str], expect: str) -> None:
+    """A dry run fails as the submission would, instead of the job failing once it runs."""
+    data = tmp_path / "nope" if missing else photo_train
+    err = _one_line_error(capsys, ["--gpus-per-node", "0", "--config", "demo", "--data", str(data),
+                                   "--out", str(tmp_path / "run"), "--dry-run", *overrides])
+    assert expect in err
+
+
+@pytest.mark.parametrize("dry_run", [["--dry-run"], []], ids=["dry-run", "submit"])
+@pytest.mark.parametrize("argv, expect", [
+    (["shards", "--max-res", "0"], "--max-res must be at least 8, got 0"),
+    (["shards", "--quality", "200"], "--quality must be in 1..100, got 200"),
+    (["shards", "--timeout", "0"], "--timeout must be a positive number of seconds"),
+    (["shards", "--workers", "0"], "--workers must be at least 1"),
+    (["validate", "--workers", "0"], "--workers must be at least 1"),
+    (["bench", "--batch-size", "0"], "--batch-size must be at least 2"),
+    (["bench", "--batch-size", "1"], "--batch-size must be at least 2"),
+    (["bench", "--steps", "0"], "--steps must be at least 1, got 0"),
+])
+def test_job_options_are_checked_before_submitting(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch, argv: list[str], expect: str,
+                                                   dry_run: list[str]) -> None:
+    """The options the job would reject only once it runs (on a cluster: after the queue)."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch: a submission that got this far says so instead
+    src = tmp_path / "train"
+    src.mkdir()
+    where = {"shards": ["--src", str(src), "--out", str(tmp_path / "x.beton")],
+             "validate": ["--src", str(src)],
+             "bench": ["--gpus-per-node", "0", "--tasks-per-node", "2", "--out", str(tmp_path / "b")]}[argv[0]]
+    assert expect in _one_line_error(capsys, [*argv, *where, *dry_run])
+    assert not list(tmp_path.glob("*.submitit")) and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_local_job_failure_is_one_line(tmp_path: Path) -> None:
+    """--local says what the job itself said, in one line, with the exit code the CLI would give."""
+    src = tmp_path / "not_images"
+    for c in ("a", "b"):
+        (src / c).mkdir(parents=True)
+        for i in range(4):
+            (src / c / f"{i}.jpg").write_text(f"not a jpeg {i}")
+    run = tmp_path / "run"
+    r = subprocess.run(LAUNCH + ["--local", "--gpus-per-node", "0", "--tasks-per-node", "1", "--config", "demo",
+                                 "--data", str(src), "--out", str(run), "data.batch_size=4", "schedule.steps=3",
+                                 "data.workers=0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    [log] = run.glob("submitit/*_0_log.err")
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("python slurm/launch.py: error: the job failed: UsageError: none of the 8 images "
+                           "can be decoded"), line
+    assert line.endswith(f"; full log: {log}"), line
+    assert "mveb.errors.UsageError: none of the 8 images" in log.read_text()  # the traceback is kept there
+
+
 def test_script_exit_code_and_no_traceback() -> None:
     r = subprocess.run(LAUNCH + ["--nodes", "0"], capture_output=True, text=True)
     assert r.returncode == 2
