@@ -214,12 +214,15 @@ def _wait_local(job: Any) -> int:
 
 def launch_training(a: argparse.Namespace) -> int:
     from mveb.files import write_atomic
-    from train.config import check_config, get_config
+    from train.config import check_config, check_flag_conflicts, get_config
 
     # A run's config.json names the job after its run folder.
     name = Path(a.config).parent.name if a.config.endswith(".json") else a.config
     res = _cluster_resources(a, f"mveb-{name}", nodes=a.nodes, gpus_per_node=a.gpus_per_node,
                              tasks_per_node=a.tasks_per_node)
+    batch_flag = ("--batch-size", a.batch_size) if a.batch_size is not None else ("--batch-per-gpu", a.batch_per_gpu)
+    check_flag_conflicts(a.overrides, {"data.path": ("--data", a.data), "run.out": ("--out", a.out),
+                                       "data.batch_size": batch_flag, "data.global_batch_size": batch_flag})
     cfg = get_config(a.config, a.overrides)
     if a.data is not None:
         cfg.data.path = str(Path(a.data).resolve())

@@ -304,6 +304,9 @@ def test_batch_size_flag_replaces_a_runs_saved_global_batch(uninterrupted: Path,
     # An empty --out trained into the working directory; one inside the data became a class.
     (["--out", ""], "no run folder given; pass --out DIR"),
     (["--out", "TINY/runs/a"], "/runs/a is inside --data"),
+    # The override once won silently.
+    (["--loader", "torch", "data.loader=dali"], "--loader and data.loader=dali both set data.loader; give one"),
+    (["--batch-size", "4", "data.global_batch_size=8"], "--batch-size and data.global_batch_size=8 both set"),
     (["monitor.knn_every_epochs=1", "monitor.knn_train=TINY", "monitor.knn_val=PHOTOS"],
      "monitor.knn_train and monitor.knn_val have different class folders (4 and 12)"),
 ])

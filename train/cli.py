@@ -102,15 +102,18 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from train.config import get_config
+    from train.config import check_flag_conflicts, get_config
     from train.pretrain import pretrain
 
-    # The flags are overrides like any other; explicit key=value pairs come last and win.
-    # --batch-size is per process: it replaces a global batch that a run's config.json may carry.
-    flags = {"data.path": args.data, "run.out": args.out, "schedule.steps": args.steps, "schedule.epochs": args.epochs,
-             "data.batch_size": args.batch_size, "data.global_batch_size": None if args.batch_size is None else "none",
-             "data.loader": args.loader, "run.resume": args.resume}
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    # The flags are overrides like any other. --batch-size is per process: it replaces a global
+    # batch that a run's config.json may carry.
+    flags = {"data.path": ("--data", args.data), "run.out": ("--out", args.out), "schedule.steps": ("--steps", args.steps),
+             "schedule.epochs": ("--epochs", args.epochs), "data.batch_size": ("--batch-size", args.batch_size),
+             "data.global_batch_size": ("--batch-size", None if args.batch_size is None else "none"),
+             "data.loader": ("--loader", args.loader),
+             "run.resume": ("--resume", None if args.resume == "auto" else args.resume)}
+    check_flag_conflicts(args.overrides, flags)
+    overrides = [f"{k}={v}" for k, (_, v) in flags.items() if v is not None] + list(args.overrides)
     summary = pretrain(get_config(args.config, overrides))
     if summary["rank"] == 0:
         print(f"step {summary['step']}  loss {summary['loss']}  run {summary['run_dir']}"

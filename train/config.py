@@ -269,6 +269,16 @@ def _check_ranges(cfg: Config) -> None:
             raise UsageError(f"{key}={value}; it must be {need}")
 
 
+def check_flag_conflicts(overrides: list[str], flags: dict[str, tuple[str, Any]]) -> None:
+    """flags: config key -> (flag, its value or None when not given). A key set both by a given
+    flag and by a key=value override is an error: which was meant is a guess, so say so."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        flag, value = flags.get(key, ("", None))
+        if value is not None:
+            raise UsageError(f"{flag} and {item} both set {key}; give one")
+
+
 def get_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """A preset by name, or a run's saved config.json (to repeat or extend that run exactly; its
     run.resume and schedule.steps are this invocation's to set), then the `key=value` overrides
