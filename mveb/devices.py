@@ -41,6 +41,10 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise UsageError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from e
+    if device.type not in ("cpu", "cuda"):  # torch names mps, xla, meta...: this trainer runs on neither
+        raise UsageError(f"device {name!r} is not supported (use auto, cpu, cuda or cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name} requested but CUDA is not available here (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 and up")
     return device

@@ -121,6 +121,8 @@ def test_missing_paths_are_one_line_errors(photo_root: Path, tmp_path: Path,
     (["lineval", "--epochs", "0"], "--epochs"),
     (["lineval", "--batch-size", "0"], "--batch-size"),
     (["knn", "--device", "tpu"], "device"),
+    (["knn", "--device", "mps"], "device 'mps' is not supported"),  # names torch knows: once a traceback
+    (["lineval", "--device", "xla"], "device 'xla' is not supported"),
 ])
 def test_bad_options_are_one_line_errors(argv: list[str], says: str, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:

@@ -88,9 +88,9 @@ def run_eval(args: argparse.Namespace, what: str, evaluate: Callable[[torch.nn.M
              setting: Callable[[dict], str]) -> dict:
     """The part `mveb knn` and `mveb lineval` share: backbone, device, timing, printing, JSON."""
     start = time.perf_counter()
-    check_same_class_folders(("--train", args.train), ("--val", args.val))
     device = resolve_device(args.device)
     backbone = load_backbone(args.checkpoint, args.arch)
+    check_same_class_folders(("--train", args.train), ("--val", args.val))  # before any feature
     result = evaluate(backbone, device)
     result.update(checkpoint=args.checkpoint, arch=backbone.arch_name, image_size=args.image_size,
                   seconds=time.perf_counter() - start)
