@@ -67,6 +67,10 @@ def check_loader_args(batch_size: int, rank: int, world_size: int) -> None:
         raise UsageError(f"rank {rank} is outside world size {world_size}")
 
 
+def nothing_decodable(n: int, first: str) -> UsageError:
+    return UsageError(f"none of the {n} images can be decoded (the first is {first}); run `mveb validate` on the set")
+
+
 class MultiCropLoader(Protocol):
     """What the trainer needs from a loader, whatever the backend.
 

@@ -34,7 +34,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from mveb.errors import UsageError
 from mveb.files import write_atomic
 
-from .batch import MultiCropBatch, check_loader_args
+from .batch import MultiCropBatch, check_loader_args, nothing_decodable
 from .cache import build_lock
 from .dali_graph import OUTPUT_DTYPES, DALITuning, build_pipeline, stacks_locals
 from .images import Sample, list_image_folder, usable_cpus
@@ -155,6 +155,8 @@ class DALIMultiCropLoader:
                              f"(first: {path}: {reason}); `mveb validate` lists them all\n")
         self._shard = _shard_size(len(self.samples), rank, world_size)
         self.epoch, self.batches_done = 0, 0
+        if not self.samples:
+            raise nothing_decodable(len(self.skipped), self.skipped[0][0])  # not "lower the batch size"
         if len(self) == 0:
             raise UsageError(f"{len(self.samples)} images make no full batch of {batch_size} on each of "
                              f"{world_size} ranks; lower the batch size")

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mveb.errors import UsageError
 
-from .batch import MultiCropBatch, check_loader_args
+from .batch import MultiCropBatch, check_loader_args, nothing_decodable
 from .images import Sample, list_image_folder, open_rgb, usable_cpus
 from .recipe import MultiCropRecipe, ViewSpec
 
@@ -246,6 +246,5 @@ class TorchMultiCropLoader:
                 self.batches_done += 1
                 yield MultiCropBatch(self._finish(g), self._finish(loc), labels.to(self.device, non_blocking=True))
         except _NothingDecodable:
-            raise UsageError(f"none of the {len(self.samples)} images can be decoded (the first is "
-                             f"{self.samples[0][0]}); run `mveb validate` on the set") from None
+            raise nothing_decodable(len(self.samples), self.samples[0][0]) from None
         self.epoch, self.batches_done = self.epoch + 1, 0

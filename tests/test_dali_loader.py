@@ -293,6 +293,14 @@ def test_broken_files_are_left_out_and_reported(photo_train: Path, tmp_path: Pat
     assert len(_epoch(loader)) == len(loader) == (len(good) - 1) // 8
 
 
+def test_a_folder_no_file_of_which_decodes_is_named_so(tmp_path: Path) -> None:
+    for i in range(8):  # once "0 images make no full batch ...; lower the batch size"
+        (tmp_path / "a").mkdir(exist_ok=True)
+        (tmp_path / "a" / f"{i}.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(UsageError, match=r"none of the 8 images can be decoded \(the first is .*/a/0.jpg\)"):
+        DALIMultiCropLoader(tmp_path, TINY, 4)
+
+
 def test_a_file_broken_after_validation_is_a_clear_error(indexed: list[tuple[str, int]], tmp_path: Path) -> None:
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(Path(indexed[0][0]).read_bytes()[:300])
