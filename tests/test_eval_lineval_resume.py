@@ -215,6 +215,15 @@ def test_a_pretraining_run_folder_is_not_taken_over(photo_root: Path, tmp_path: 
     assert [p.name for p in tmp_path.rglob("*")] == ["checkpoints", "step_00000001.pt"]
 
 
+def test_an_out_that_is_a_file_is_named_so(photo_root: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "notes.txt"
+    out.write_text("kept\n")
+    assert main(_argv(photo_root, out, "--epochs", "1", "--precompute")) == 2
+    assert f"--out {out} is a file" in capsys.readouterr().err  # once "cannot write .../settings.json: File exists"
+    assert out.read_text() == "kept\n"
+
+
 @pytest.mark.slow
 def test_beton_run_stopped_by_sigterm_continues_the_epoch_order(photo_root: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:

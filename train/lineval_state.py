@@ -88,6 +88,8 @@ class LinevalRun:
         self.every_s = 60 * checkpoint_minutes
         self.flag = PreemptionFlag()
         settings_file = self.out / SETTINGS
+        if self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"--out {self.out} is a file; lineval's --out is a folder (new, or a lineval run's)")
         if settings_file.exists():
             try:
                 saved = json.loads(settings_file.read_text())
