@@ -74,6 +74,10 @@ def test_export_loads_into_torchvision_missing_only_fc(run_dir: Path, tmp_path: 
 def test_mveb_export_cli(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", str(run_dir), "--out", str(tmp_path / "b.pth")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "b.pth")
+    # An export does not name its arch: re-exporting it takes the --arch its error asks for.
+    assert "pass the --arch it was trained with" in _one_line_error(
+        ["export", str(tmp_path / "b.pth"), "--out", str(tmp_path / "c.pth")], capsys)
+    assert main(["export", str(tmp_path / "b.pth"), "--out", str(tmp_path / "c.pth"), "--arch", "resnet18"]) == 0
 
 
 def test_arch_mismatch_is_a_one_line_error(run_dir: Path, tmp_path: Path,

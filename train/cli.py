@@ -54,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write the backbone as a torchvision resnet state_dict", formatter_class=fmt)
     p.add_argument("run", help="run folder or checkpoint")
     p.add_argument("--out", required=True, help="output .pth")
+    p.add_argument("--arch", default=None,
+                   help="torchvision ResNet name; unset: the checkpoint's (an exported backbone does not name its own)")
     p.set_defaults(func=_run_export)
 
     p = sub.add_parser("report", help="render PNG plots (loss, lr, throughput, data wait) of a run", formatter_class=fmt)
@@ -88,7 +90,7 @@ def _run_lineval(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     from train.export import export_backbone
 
-    print(export_backbone(args.run, args.out))
+    print(export_backbone(args.run, args.out, args.arch))
     return 0
 
 
