@@ -18,12 +18,13 @@ import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
 
 from kernels import mveb_loss
+from mveb.bench import check_writable, exit_status, outcomes
 from mveb.devices import DTYPES, resolve_device
 from mveb.errors import UsageError
 from mveb.files import write_atomic
@@ -61,6 +62,7 @@ class Result:
 
 
 def run_bench_kernels(args: argparse.Namespace) -> int:
+    """Exit code 1 when no case could be measured (all skipped: the table says why)."""
     device = resolve_device(args.device)
     impls = _parse_impls(args.impls)
     batches = _parse_batches(args.batch_sizes, device)
@@ -68,13 +70,15 @@ def run_bench_kernels(args: argparse.Namespace) -> int:
         raise UsageError(f"--views must be >= 2 and --dim >= 1, got {args.views} and {args.dim}")
     if args.dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    check_writable(args.json, "--json")
     results = []
     for b, impl in tqdm([(b, i) for b in batches for i in impls], desc="bench kernels", unit="case"):
         results.append(bench_one(impl, b, args.dim, args.views, DTYPES[args.dtype], device, args.seconds))
     print(format_table(results, device, args))
+    report = _report(results, device, args)
     if args.json:
-        _write_json(args.json, results, device, args)
-    return 0
+        write_atomic(args.json, json.dumps(report, indent=1))
+    return exit_status("kernels", outcomes(report["results"], row_label))
 
 
 def bench_one(impl: str, b: int, d: int, views: int, dtype: torch.dtype, device: torch.device, seconds: float) -> Result:
@@ -217,11 +221,14 @@ def format_table(results: list[Result], device: torch.device, args: argparse.Nam
     return "\n".join(lines)
 
 
-def _write_json(path: str, results: list[Result], device: torch.device, args: argparse.Namespace) -> None:
-    doc = {"bench": "kernels", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "views": args.views, "dim": args.dim, "dtype": args.dtype, "torch": torch.__version__,
-           "results": [asdict(r) for r in results]}
-    write_atomic(path, json.dumps(doc, indent=1))
+def _report(results: list[Result], device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    return {"bench": "kernels", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "views": args.views, "dim": args.dim, "dtype": args.dtype, "torch": torch.__version__,
+            "results": [asdict(r) for r in results]}
+
+
+def row_label(row: dict[str, Any]) -> str:
+    return f"{row['impl']} B={row['batch']}"
 
 
 def _parse_impls(text: str) -> list[str]:

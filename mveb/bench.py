@@ -1,12 +1,23 @@
-"""`mveb bench loader|kernels|step|all`: where the time goes, side by side in one run."""
+"""`mveb bench loader|kernels|step|all`: where the time goes, side by side in one run.
+
+Each prints its table and exits 1 when nothing it was asked for could be measured (every row
+failed or was skipped; stderr says why in one line); an output path it could not write is a
+one-line error before it measures anything.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
+from mveb.errors import UsageError
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
+# (what was to be measured, why it was not: None when it was)
+Outcome = tuple[str, str | None]
 
 
 def register(sub: argparse._SubParsersAction, *, loader: AddArgs, kernels: AddArgs) -> None:
@@ -64,3 +75,61 @@ def _bench_all(args: argparse.Namespace) -> int:
     from mveb.bench_all import main
 
     return main(args)
+
+
+def check_writable(path: str | Path | None, option: str, folder: bool = False) -> None:
+    """A one-line UsageError now when `path` (a file, or with folder=True a folder) could not be
+    written later, so a benchmark says so before its minutes of measuring, not after them.
+    Creates nothing: the nearest existing folder above is probed (the write makes the rest).
+    None (the option not given) passes."""
+    if path is None:
+        return
+    path = base = Path(path).absolute()
+    try:  # stat too can fail (a folder above that may not be searched)
+        if not folder and path.is_dir():
+            raise UsageError(f"{option} {path} is a folder; give a file name")
+        base = next(p for p in (path if folder else path.parent, *path.parents) if p.exists())
+        if not base.is_dir():
+            raise UsageError(f"{option} {path}: {base} is not a folder")
+        # A real file, not os.access: root passes access() where the filesystem still refuses (/proc).
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot write in {base} ({e.strerror or e})") from None
+
+
+def one_line(e: BaseException) -> str:
+    """`Type: message` on one line, for a table's note. An error raised in a DataLoader worker
+    carries the worker's whole traceback as its message: its last line is the original error."""
+    text = str(e)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Traceback (most recent call last)" in text:
+        return lines[-1][:300]
+    return f"{type(e).__name__}: {lines[0]}"[:300] if lines else type(e).__name__
+
+
+def outcomes(rows: Iterable[dict[str, Any]], label: Callable[[dict[str, Any]], str]) -> list[Outcome]:
+    """Each report row as an Outcome: a row not measured says why in "error" (it failed) or
+    "skipped" (it cannot run here)."""
+    return [(label(r), r.get("error") or r.get("skipped")) for r in rows]
+
+
+def unmeasured(results: list[Outcome]) -> str | None:
+    """None when something was measured; else why nothing was, in one line (each reason once,
+    after what it stopped)."""
+    if any(why is None for _, why in results):
+        return None
+    stopped: dict[str, list[str]] = {}
+    for what, why in results:
+        stopped.setdefault(str(why), []).append(what)
+    return "; ".join(f"{', '.join(whats)}: {why}" for why, whats in stopped.items())
+
+
+def exit_status(command: str, results: list[Outcome]) -> int:
+    """0 when something was measured; else 1, with why on stderr (the table, printed before,
+    has the rows): a script or a CI job must not take a run that measured nothing for a result."""
+    why = unmeasured(results)
+    if why is None:
+        return 0
+    sys.stderr.write(f"mveb bench {command}: nothing measured: {why}\n")
+    return 1

@@ -14,23 +14,26 @@ import os
 import platform
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from kernels.bench import row_label as kernels_label
+from mveb.bench import Outcome, check_writable, exit_status, one_line, outcomes, unmeasured
 from mveb.bench_step import format_table as step_table
+from mveb.bench_step import row_label as step_label
 from mveb.devices import resolve_device
 from mveb.errors import UsageError
 from mveb.files import write_atomic
+from pipeline.bench import row_label as loader_label
 
 
 def _run(argv: list[str]) -> None:
+    """Its exit code is left out: 1 says only that nothing was measured, which its JSON says too."""
     from mveb.cli import build_parser
 
     args = build_parser().parse_args(argv)
-    code = args.func(args)
-    if code:
-        raise RuntimeError(f"mveb {' '.join(argv)} exited with {code}")
+    args.func(args)
 
 
 def _version(dist: str) -> str:
@@ -48,31 +51,38 @@ def machine() -> dict[str, Any]:
                                                    "nvidia-dali-cuda120", "nvidia-dali-cuda130")}}
 
 
-def _part(name: str, argv: list[str], json_path: Path, results: dict[str, Any]) -> None:
-    """Run one benchmark; a part that fails is recorded, and the others still run."""
+def _part(name: str, argv: list[str], json_path: Path, results: dict[str, Any],
+          label: Callable[[dict[str, Any]], str]) -> Outcome:
+    """Run one benchmark; a part that fails is recorded, and the others still run. label: the
+    name of one of its result rows. Returns why the part measured nothing (None if it did)."""
     print(f"\n== bench {name}", flush=True)
     try:
         _run(argv + ["--json", str(json_path)])
         results[name] = json.loads(json_path.read_text())
+        outcome = (name, unmeasured(outcomes(results[name]["results"], label)))
     except Exception as e:  # noqa: BLE001 - one broken backend must not cost the whole run
-        results[name] = {"error": f"{type(e).__name__}: {e}"}
+        results[name] = {"error": one_line(e)}
         print(f"bench {name} failed: {results[name]['error']}", flush=True)
+        outcome = (name, results[name]["error"])
     # After every part: a run cut short (a host's time limit) keeps the parts it finished.
     write_atomic(json_path.parent / "results.json", json.dumps(results, indent=1))
+    return outcome
 
 
 PARTS = ("loader", "kernels", "step")
 
 
 def bench_all(device: str, data: str | None, out: Path, compile: bool = True,
-              parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
+              parts: tuple[str, ...] = PARTS) -> list[Outcome]:
     """Run `parts` (loader, kernels, step) into `out`. The parts not run this time are kept from
-    an earlier results.json in `out`, so a long run can be split over calls, or one part rerun."""
+    an earlier results.json in `out`, so a long run can be split over calls, or one part rerun.
+    Returns each part run this time with why it measured nothing (None where it measured)."""
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
         raise UsageError(f"--parts takes a comma list of {', '.join(PARTS)}, got {','.join(parts)!r}")
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
+    check_writable(out, "--out", folder=True)
     out.mkdir(parents=True, exist_ok=True)
     earlier = out / "results.json"
     results: dict[str, Any] = json.loads(earlier.read_text()) if earlier.exists() and set(parts) != set(PARTS) else {}
@@ -88,34 +98,37 @@ def bench_all(device: str, data: str | None, out: Path, compile: bool = True,
                                       side=500) / "train")
     results.update({"machine": machine(), "device": str(dev)})
     loader_b, step_b = (256, 256) if gpu else (32, 8)
+    ran: list[Outcome] = []
     if "loader" in parts:
-        _part("loader", ["bench", "loader", "--data", data, "--backends", "dali,ffcv,torch", "--device", dev.type,
-                         "--batch-size", str(loader_b), "--seconds", "15" if gpu else "10",
-                         "--dtype", "bf16" if gpu else "fp32"], out / "loader.json", results)
+        ran.append(_part("loader", ["bench", "loader", "--data", data, "--backends", "dali,ffcv,torch",
+                                    "--device", dev.type, "--batch-size", str(loader_b),
+                                    "--seconds", "15" if gpu else "10", "--dtype", "bf16" if gpu else "fp32"],
+                         out / "loader.json", results, loader_label))
     if "kernels" in parts:
         # The variants that tell the story; each case is also profiled once, so keep the list short.
-        _part("kernels", ["bench", "kernels", "--device", dev.type, "--seconds", "0.3",
-                          "--impls", "reference-literal,reference,torch,triton,triton-eager"]
-              + ([] if gpu else ["--batch-sizes", "128,256"]),
-              out / "kernels.json", results)
+        ran.append(_part("kernels", ["bench", "kernels", "--device", dev.type, "--seconds", "0.3",
+                                     "--impls", "reference-literal,reference,torch,triton,triton-eager"]
+                         + ([] if gpu else ["--batch-sizes", "128,256"]),
+                         out / "kernels.json", results, kernels_label))
     if "step" in parts and gpu:
         # The fast-path batch (vs DALI-fed, most of the targets) first, then the official batch (vs
         # the official-style step): each is kept as soon as it ends, if a time limit cuts the rest.
         fast = ["--compile"] if compile else []
-        _part("step", ["bench", "step", "--device", "cuda", "--batch-size", str(step_b), "--no-official", "--profile",
-                       "--fp16", "--loader", "synthetic,dali", "--priority-stream", "--data", data] + fast,
-              out / "step.json", results)
-        _part("step_b128", ["bench", "step", "--device", "cuda", "--batch-size", "128", "--profile", "--fp16"] + fast,
-              out / "step_b128.json", results)
+        ran.append(_part("step", ["bench", "step", "--device", "cuda", "--batch-size", str(step_b), "--no-official",
+                                  "--profile", "--fp16", "--loader", "synthetic,dali", "--priority-stream",
+                                  "--data", data] + fast, out / "step.json", results, step_label))
+        ran.append(_part("step_b128", ["bench", "step", "--device", "cuda", "--batch-size", "128", "--profile",
+                                       "--fp16"] + fast, out / "step_b128.json", results, step_label))
     elif "step" in parts:
-        _part("step", ["bench", "step", "--device", "cpu", "--batch-size", str(step_b), "--profile",
-                       "--loader", "synthetic,torch", "--data", data], out / "step.json", results)
+        ran.append(_part("step", ["bench", "step", "--device", "cpu", "--batch-size", str(step_b), "--profile",
+                                  "--loader", "synthetic,torch", "--data", data],
+                         out / "step.json", results, step_label))
     write_atomic(out / "results.json", json.dumps(results, indent=1))
     write_atomic(out / "summary.md", summary(results))
     chart(results, out / "chart.png")
     print("\n" + summary(results))
     print(f"written: {out / 'summary.md'}, {out / 'results.json'}, {out / 'chart.png'}")
-    return results
+    return ran
 
 
 def summary(results: dict[str, Any]) -> str:
@@ -203,6 +216,6 @@ def _work_chart(ax: Any, rows: list[dict[str, Any]]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    bench_all(args.device, args.data, Path(args.out), compile=not args.no_compile,
-              parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()))
-    return 0
+    """Exit code 1 when no part run this time measured anything (summary.md says why each did not)."""
+    return exit_status("all", bench_all(args.device, args.data, Path(args.out), compile=not args.no_compile,
+                                        parts=tuple(p.strip() for p in args.parts.split(",") if p.strip())))

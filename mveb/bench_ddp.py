@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
+from mveb.bench import check_writable
 from mveb.bench_step import check_counts, format_table, run_variant, step_settings, synthetic_batch
 from mveb.errors import UsageError
 from mveb.files import write_atomic
@@ -70,6 +71,9 @@ def main(args: argparse.Namespace) -> int:
     if args.fp16 or args.priority_stream or args.trace:
         raise UsageError("under torchrun, bench step times the preset's precision on the default stream, "
                          "without timelines (drop --fp16, --priority-stream and --trace)")
+    # On every rank, before the rendezvous, as check_counts: one rank refusing alone would leave
+    # the others waiting for it.
+    check_writable(args.json, "--json")
     report = bench_step_ddp(args.device, args.batch_size, args.steps, args.config, args.compile, args.profile,
                             tuple(args.set))
     if report is None:

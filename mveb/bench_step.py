@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
+from mveb.bench import check_writable, exit_status, one_line, outcomes
 from mveb.device_profile import format_kinds, profile_steps
 from mveb.devices import resolve_device, step_stream, synchronize
 from mveb.errors import UsageError
@@ -137,7 +138,7 @@ def _run_variant(name: str, cfg: Config, device: torch.device, batches: Iterator
         try:
             row["device"] = profile_steps(lambda: trainer.step(next(batches), next(extra)), device, profile, trace)
         except RuntimeError as e:  # a host whose profiler cannot start (CUPTI) keeps the timed row
-            row["device_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            row["device_error"] = one_line(e)
     return row
 
 
@@ -191,6 +192,8 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
         raise UsageError(f"--data {data} does not exist")
     if fp16 and not on_gpu:
         raise UsageError("--fp16 times CUDA's fp16 autocast; a CPU step runs in fp32")
+    check_writable(json_path, "--json")
+    check_writable(trace_dir, "--trace", folder=True)
     dtype = amp_dtype(cfg.precision.amp, dev) or torch.float32
 
     results: list[dict[str, Any]] = []
@@ -215,20 +218,16 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
     bar = tqdm(total=int(official) + 1 + int(fp16) + int(compile) + len(real) * (1 + int(priority_stream)),
                desc="bench step", unit="variant")
 
-    def attempt(variant: str, vcfg: Config, batches: Iterator[MultiCropBatch], fallback: bool = True,
-                **kw: Any) -> bool:
+    def attempt(variant: str, vcfg: Config, batches: Iterator[MultiCropBatch], **kw: Any) -> bool:
         """Run one variant; one that fails (a compile error, a broken loader) becomes an error
-        row, and the variants after it still run (fallback=False: the failure propagates)."""
+        row, and the variants after it still run."""
         bar.set_postfix_str(variant)
         try:
             results.append(run_variant(variant, vcfg, dev, batches, steps, warmup, profile=2 * profile,
                                        trace_dir=trace_dir, **kw))
             ok = True
         except Exception as e:  # noqa: BLE001 - the other variants are still worth measuring
-            if not fallback:
-                bar.close()
-                raise
-            error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            error = one_line(e)
             results.append({"variant": variant, "batch_size": vcfg.data.batch_size, "error": error})
             bar.write(f"bench step: {variant} failed: {error}")
             ok = False
@@ -245,7 +244,9 @@ def bench_step(device: str = "auto", batch_size: int | None = None, loaders: tup
         batch = synthetic_batch(off, dev, amp_dtype(off.precision.amp, dev) or torch.float32)
         attempt("official-style", off, itertools.repeat(batch), per_parameter_lars=True)
     batch = synthetic_batch(cfg, dev, dtype)
-    attempt("mveb", cfg, itertools.repeat(batch), fallback=False)  # the baseline every ratio needs
+    # The baseline of the ratios: failed, it is an error row like any other (the table, and the
+    # exit code when nothing ran, say so); the rows then have no ratio to it.
+    attempt("mveb", cfg, itertools.repeat(batch))
     if fp16:
         half = replace(cfg, precision=replace(cfg.precision, amp="fp16"))
         attempt("mveb fp16", half, itertools.repeat(synthetic_batch(half, dev, torch.float16)))
@@ -289,6 +290,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Exit code 1 when no variant could be measured (the table says why each failed)."""
     from train.distributed import planned_world_size
 
     if planned_world_size() > 1:
@@ -301,4 +303,8 @@ def main(args: argparse.Namespace) -> int:
                         json_path=args.json, overrides=tuple(args.set), trace_dir=args.trace)
     print(f"MVEB step on {report['device_name']} ({report['arch']}), phases in ms per step:")
     print(format_table(report))
-    return 0
+    return exit_status("step", outcomes(report["results"], row_label))
+
+
+def row_label(row: dict[str, Any]) -> str:
+    return row["variant"]

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from mveb.devices import DTYPES, synchronize
+from mveb.bench import check_writable, exit_status, one_line, outcomes
+from mveb.devices import DTYPES, resolve_device, synchronize
 from mveb.errors import UsageError
 from mveb.files import write_atomic
 
@@ -115,7 +116,7 @@ def bench_backend(backend: str, data: str, recipe: MultiCropRecipe, batch_size: 
         return {**row, "skipped": str(e)}
     except Exception as e:  # noqa: BLE001 - one broken backend must not hide the others' numbers
         traceback.print_exc()
-        return {**row, "error": f"{type(e).__name__}: {e}"}
+        return {**row, "error": one_line(e)}
     images = n * batch_size
     if cpu is not None and cpu_end is not None and cpu_end > cpu:
         row.update(cpu_s=round(cpu_end - cpu, 2), images_per_cpu_s=round(images / (cpu_end - cpu), 2))
@@ -134,9 +135,7 @@ def bench_loaders(data: str | Path, backends: list[str], batch_size: int = 64, w
         raise UsageError(f"unknown backend(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(BACKENDS)}")
     if not 0 < seconds < math.inf or batch_size < 1:
         raise UsageError("--seconds must be positive and --batch-size at least 1")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but CUDA is not available here; use --device cpu")
+    dev = resolve_device(device)
     data = str(data)
     check_data("torch" if not data.endswith(".beton") else "ffcv", data)
     if dtype not in DTYPES:
@@ -170,11 +169,17 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def row_label(row: dict[str, Any]) -> str:
+    return row["backend"]
+
+
 def bench_loader_command(data: str, backends: str, batch_size: int, workers: int | None, seconds: float,
                          device: str, json_path: str | None, dtype: str = "fp32", dali_tuning: str = "") -> int:
+    """Exit code 1 when no backend could be measured (the table says why each could not)."""
+    check_writable(json_path, "--json")
     report = bench_loaders(data, [b.strip() for b in backends.split(",") if b.strip()], batch_size, workers,
                            seconds, device, dtype=dtype, dali_tuning=dali_tuning)
     print(format_table(report))
     if json_path:
         write_atomic(json_path, json.dumps(report, indent=1) + "\n")
-    return 0
+    return exit_status("loader", outcomes(report["results"], row_label))

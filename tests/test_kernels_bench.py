@@ -31,8 +31,42 @@ def test_bench_kernels_cpu_table_and_json(tmp_path: Path, capsys: pytest.Capture
 
 def test_bench_kernels_skips_literal_beyond_memory_budget(capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["bench", "kernels", "--device", "cpu", "--batch-sizes", "4096", "--impls", "reference-literal"])
-    assert rc == 0
+    assert rc == 1  # the only case asked for was skipped: nothing measured
     assert "skipped: B x B x D tensor alone is 128.00 GiB" in capsys.readouterr().out
+
+
+def test_bench_kernels_that_measures_nothing_exits_1_with_why(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Every case skipped (Triton on a CPU) once exited 0, as if it had measured: a script took an
+    empty table for a result. The table and the JSON are still written."""
+    out = tmp_path / "kernels.json"
+    assert main(["bench", "kernels", "--device", "cpu", "--impls", "triton,triton-eager", "--batch-sizes", "8,16",
+                 "--dim", "16", "--views", "3", "--json", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "| 16 | triton-eager | - |" in captured.out
+    assert captured.err.splitlines()[-1] == ("mveb bench kernels: nothing measured: triton B=8, triton-eager B=8, "
+                                             "triton B=16, triton-eager B=16: needs CUDA")
+    assert [r["skipped"] for r in json.loads(out.read_text())["results"]] == ["needs CUDA"] * 4
+
+
+@pytest.mark.parametrize("where", ["under a file", "in /proc"])
+def test_bench_kernels_unwritable_json_is_refused_before_measuring(where: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """It once measured every case, printed the table and only then failed to write."""
+    import kernels.bench as bench_module
+
+    (tmp_path / "file").write_text("")
+    path = tmp_path / "file" / "k.json" if where == "under a file" else Path("/proc/mveb-bench/k.json")
+    measured: list[str] = []
+    bench_one = bench_module.bench_one
+    monkeypatch.setattr(bench_module, "bench_one", lambda impl, *a: measured.append(impl) or bench_one(impl, *a))
+    assert main(["bench", "kernels", "--device", "cpu", "--impls", "torch", "--batch-sizes", "8", "--dim", "16",
+                 "--views", "3", "--seconds", "0", "--json", str(path)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mveb bench: error: --json {path}"), err
+    assert measured == [] and "| 8 | torch |" not in captured.out
 
 
 @pytest.mark.parametrize("argv, message", [

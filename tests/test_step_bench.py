@@ -201,3 +201,124 @@ def test_step_bench_applies_config_overrides_to_every_variant(capsys: pytest.Cap
     assert main(["bench", "step", "--device", "cpu", "--set", "model.no_such_key=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no_such_key" in err
+
+
+def test_step_bench_that_measures_nothing_exits_1_with_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A step that fails in every variant (here a stand-in for, e.g., a Triton loss on a CPU)
+    once ended in a traceback with no table, or exited 0 when the failing rows were not the
+    baseline: the table prints, the exit code says nothing was measured, and stderr says why."""
+    from mveb.cli import main
+    from train.step import Trainer
+
+    def fail(self: Trainer, batch: object, step: int) -> None:
+        raise RuntimeError("the loss needs CUDA tensors\nand more detail on a second line")
+
+    monkeypatch.setattr(Trainer, "step", fail)
+    out = tmp_path / "step.json"
+    assert main(["bench", "step", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--json", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "| official-style | 2 | failed: RuntimeError: the loss needs CUDA tensors |" in captured.out
+    assert "| mveb | 2 | failed: RuntimeError: the loss needs CUDA tensors |" in captured.out
+    assert captured.err.splitlines()[-1] == ("mveb bench step: nothing measured: official-style, mveb: "
+                                             "RuntimeError: the loss needs CUDA tensors")
+    assert [r["variant"] for r in json.loads(out.read_text())["results"]] == ["official-style", "mveb"]
+
+
+def test_step_bench_loader_failing_in_its_workers_is_a_one_line_note(photo_train: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """An error in a loader's worker reaches the step as DataLoader's "Caught ValueError in
+    DataLoader worker process 0." with the worker's traceback: the row says the worker's own
+    error, and the synthetic step measured keeps the exit code 0."""
+    from mveb.cli import main
+    from pipeline.torch_loader import MultiCropAugment
+
+    def fail(self: MultiCropAugment, img: object, rng: object) -> None:
+        raise ValueError("views of an unexpected size")
+
+    monkeypatch.setattr(MultiCropAugment, "__call__", fail)  # before the workers fork: they inherit it
+    out = tmp_path / "step.json"
+    assert main(["bench", "step", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--no-official",
+                 "--loader", "synthetic,torch", "--data", str(photo_train), "--set", "data.workers=1",
+                 "--json", str(out)]) == 0
+    assert "| mveb torch | 2 | failed: ValueError: views of an unexpected size |" in capsys.readouterr().out
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["mveb"]["samples_per_s"] > 0 and rows["mveb torch"]["error"] == "ValueError: views of an unexpected size"
+
+
+@pytest.mark.parametrize("option", ["--json", "--trace"])
+@pytest.mark.parametrize("where", ["under a file", "in /proc"])
+def test_step_bench_unwritable_json_or_trace_is_refused_before_measuring(
+        option: str, where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Either once failed only after the step was timed: --json after the first variant,
+    --trace in every variant (a traceback, as the baseline's failure propagated)."""
+    import mveb.bench_step as bench_module
+    from mveb.cli import main
+
+    (tmp_path / "file").write_text("")
+    path = tmp_path / "file" / "out" if where == "under a file" else Path("/proc/mveb-bench/out")
+    timed: list[str] = []
+    run_variant = bench_module.run_variant
+    monkeypatch.setattr(bench_module, "run_variant",
+                        lambda name, *a, **k: timed.append(name) or run_variant(name, *a, **k))
+    assert main(["bench", "step", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--no-official",
+                 option, str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mveb bench: error: {option} {path}"), err
+    assert timed == []
+
+
+def test_bench_all_that_measures_nothing_exits_1_with_why(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Every part run failing once exited 0; the summary is still written."""
+    from mveb.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "all", "--device", "cpu", "--out", str(out), "--parts", "loader",
+                 "--data", str(tmp_path / "none")]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"mveb bench all: nothing measured: loader: UsageError: {tmp_path / 'none'} does not exist; "
+        "pass an ImageFolder root (one subfolder per class)")
+    assert "failed: UsageError:" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("where", ["under a file", "in /proc"])
+def test_bench_all_unwritable_out_is_one_line_before_any_part(where: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import mveb.bench_all as bench_module
+    from mveb.cli import main
+
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "bench" if where == "under a file" else Path("/proc/mveb-bench")
+    ran: list[str] = []
+    part = bench_module._part
+    monkeypatch.setattr(bench_module, "_part", lambda name, *a: ran.append(name) or part(name, *a))
+    assert main(["bench", "all", "--device", "cpu", "--out", str(out), "--parts", "kernels"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mveb bench: error: --out {out}"), err
+    assert ran == []
+
+
+def test_bench_all_read_only_out_folder_is_one_line_before_any_part(tmp_path: Path) -> None:
+    """A folder the user may not write to (root without its override of file permissions, as
+    a sandbox or a root-squashed NFS gives) once failed only after the kernels part ran."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    drop = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("as root, a read-only folder needs setpriv to drop CAP_DAC_OVERRIDE")
+        drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    r = subprocess.run([*drop, sys.executable, "-m", "mveb", "bench", "all", "--device", "cpu", "--out", str(ro),
+                        "--parts", "kernels"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == f"mveb bench: error: --out {ro}: cannot write in {ro} (Permission denied)"
+    assert "== bench" not in r.stdout and not list(ro.iterdir())
