@@ -24,10 +24,10 @@ import torch
 from tqdm import tqdm
 
 from kernels import mveb_loss
-from mveb.bench import check_writable, exit_status, outcomes
+from mveb.bench import exit_status, outcomes
 from mveb.devices import DTYPES, resolve_device
 from mveb.errors import UsageError
-from mveb.files import write_atomic
+from mveb.files import check_writable, write_atomic
 
 # Variants of the Triton path, to see what each choice is worth at each B:
 # triton-cholesky: cuSOLVER's Cholesky and a B-wide inverse instead of the sweep;

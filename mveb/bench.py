@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from mveb.errors import UsageError
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 # (what was to be measured, why it was not: None when it was)
@@ -75,27 +72,6 @@ def _bench_all(args: argparse.Namespace) -> int:
     from mveb.bench_all import main
 
     return main(args)
-
-
-def check_writable(path: str | Path | None, option: str, folder: bool = False) -> None:
-    """A one-line UsageError now when `path` (a file, or with folder=True a folder) could not be
-    written later, so a benchmark says so before its minutes of measuring, not after them.
-    Creates nothing: the nearest existing folder above is probed (the write makes the rest).
-    None (the option not given) passes."""
-    if path is None:
-        return
-    path = base = Path(path).absolute()
-    try:  # stat too can fail (a folder above that may not be searched)
-        if not folder and path.is_dir():
-            raise UsageError(f"{option} {path} is a folder; give a file name")
-        base = next(p for p in (path if folder else path.parent, *path.parents) if p.exists())
-        if not base.is_dir():
-            raise UsageError(f"{option} {path}: {base} is not a folder")
-        # A real file, not os.access: root passes access() where the filesystem still refuses (/proc).
-        with tempfile.TemporaryFile(dir=base):
-            pass
-    except OSError as e:
-        raise UsageError(f"{option} {path}: cannot write in {base} ({e.strerror or e})") from None
 
 
 def one_line(e: BaseException) -> str:

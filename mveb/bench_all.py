@@ -19,12 +19,12 @@ from typing import Any, Callable
 import torch
 
 from kernels.bench import row_label as kernels_label
-from mveb.bench import Outcome, check_writable, exit_status, one_line, outcomes, unmeasured
+from mveb.bench import Outcome, exit_status, one_line, outcomes, unmeasured
 from mveb.bench_step import format_table as step_table
 from mveb.bench_step import row_label as step_label
 from mveb.devices import resolve_device
 from mveb.errors import UsageError
-from mveb.files import write_atomic
+from mveb.files import check_writable, write_atomic
 from pipeline.bench import row_label as loader_label
 
 

@@ -21,10 +21,9 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from mveb.bench import check_writable
 from mveb.bench_step import check_counts, format_table, run_variant, step_settings, synthetic_batch
 from mveb.errors import UsageError
-from mveb.files import write_atomic
+from mveb.files import check_writable, write_atomic
 from train.distributed import DistInfo, cleanup_distributed, init_distributed
 from train.step import amp_dtype
 

@@ -34,11 +34,11 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
-from mveb.bench import check_writable, exit_status, one_line, outcomes
+from mveb.bench import exit_status, one_line, outcomes
 from mveb.device_profile import format_kinds, profile_steps
 from mveb.devices import resolve_device, step_stream, synchronize
 from mveb.errors import UsageError
-from mveb.files import write_atomic
+from mveb.files import check_writable, write_atomic
 from pipeline.batch import MultiCropBatch
 from train.config import Config, get_config
 from train.distributed import DistInfo

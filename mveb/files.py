@@ -1,9 +1,11 @@
-"""Atomic writes: a file appears under its final name complete, or not at all."""
+"""Atomic writes: a file appears under its final name complete, or not at all; and the check,
+before the work, that it could be written."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -36,3 +38,24 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
                 tmp.write_text(data)
     except OSError as e:
         raise UsageError(f"cannot write {path}: {e.strerror}") from None
+
+
+def check_writable(path: str | Path | None, option: str, folder: bool = False) -> None:
+    """A one-line UsageError now when `path` (a file, or with folder=True a folder) could not be
+    written later, so a command says so before its minutes of work, not after them.
+    Creates nothing: the nearest existing folder above is probed (the write makes the rest).
+    None (the option not given) passes."""
+    if path is None:
+        return
+    path = base = Path(path).absolute()
+    try:  # stat too can fail (a folder above that may not be searched)
+        if not folder and path.is_dir():
+            raise UsageError(f"{option} {path} is a folder; give a file name")
+        base = next(p for p in (path if folder else path.parent, *path.parents) if p.exists())
+        if not base.is_dir():
+            raise UsageError(f"{option} {path}: {base} is not a folder")
+        # A real file, not os.access: root passes access() where the filesystem still refuses (/proc).
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot write in {base} ({e.strerror or e})") from None

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from mveb.bench import check_writable, exit_status, one_line, outcomes
+from mveb.bench import exit_status, one_line, outcomes
 from mveb.devices import DTYPES, resolve_device, synchronize
 from mveb.errors import UsageError
-from mveb.files import write_atomic
+from mveb.files import check_writable, write_atomic
 
 from .images import usable_cpus
 from .loaders import BACKENDS, build_loader, check_data, dali_tuning_for, loader_class
