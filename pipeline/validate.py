@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mveb.errors import UsageError
-from mveb.files import write_atomic
+from mveb.files import check_writable, write_atomic
 
 from .cache import cache_dir, cache_name
 from .images import Sample, decoding_processes, list_image_folder, why_undecodable
@@ -95,6 +95,8 @@ def kept_report(src: Path) -> Path:
 def validate(src: str | Path, report: str | Path | None = None, fix_list: str | Path | None = None,
              workers: int | None = None) -> ScanResult:
     """Scan `src`, write the JSON report (and the fix-list), print a one-line summary."""
+    check_writable(report, "--report")  # now, not after a scan that takes an hour on ImageNet
+    check_writable(fix_list, "--fix-list")
     result = scan(src, workers)
     src_path = Path(src).resolve()
     text = json.dumps(result.report(), indent=1) + "\n"

@@ -74,3 +74,12 @@ def small_disk(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     yield mount
     if os.path.ismount(disk):
         subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@pytest.fixture(params=["under a file", "in /proc"])
+def unwritable(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str], Path]:
+    """unwritable("out.json"): a path no command can write, below a file or in /proc (which
+    refuses even root), for the tests that an output is refused before the work, not after."""
+    (tmp_path / "a-file").write_text("")
+    base = tmp_path / "a-file" if request.param == "under a file" else Path("/proc/mveb-test")
+    return lambda name: base / name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,21 @@ def test_mveb_knn_random_resnet18_on_real_photos(photo_root: Path, tmp_path: Pat
     assert f"top-1 {r['top1']:6.2f}" in line and "random init" in line
     # Even random conv features tell these photos apart well above chance (8.3%).
     assert 25.0 < r["top1"] <= r["top5"] <= 100.0
+
+
+@pytest.mark.parametrize("command", ["knn", "lineval"])
+def test_an_unwritable_json_is_refused_before_any_feature(command: str, unwritable: Callable[[str], Path],
+                                                          colour_folder: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Both once extracted every feature (and lineval trained its head) before failing to write."""
+    import train.knn as knn_module
+
+    monkeypatch.setattr(knn_module, "load_backbone", lambda *a: pytest.fail("loaded the backbone first"))
+    path = unwritable("result.json")
+    assert main([command, "--train", str(colour_folder / "train"), "--val", str(colour_folder / "val"),
+                 "--device", "cpu", "--json", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mveb {command}: error: --json {path}: ") and "\n" not in err, err
 
 
 def test_extraction_hands_the_backbone_back_in_its_mode(colour_folder: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -49,15 +50,13 @@ def test_bench_kernels_that_measures_nothing_exits_1_with_why(tmp_path: Path,
     assert [r["skipped"] for r in json.loads(out.read_text())["results"]] == ["needs CUDA"] * 4
 
 
-@pytest.mark.parametrize("where", ["under a file", "in /proc"])
-def test_bench_kernels_unwritable_json_is_refused_before_measuring(where: str, tmp_path: Path,
+def test_bench_kernels_unwritable_json_is_refused_before_measuring(unwritable: Callable[[str], Path],
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """It once measured every case, printed the table and only then failed to write."""
     import kernels.bench as bench_module
 
-    (tmp_path / "file").write_text("")
-    path = tmp_path / "file" / "k.json" if where == "under a file" else Path("/proc/mveb-bench/k.json")
+    path = unwritable("k.json")
     measured: list[str] = []
     bench_one = bench_module.bench_one
     monkeypatch.setattr(bench_module, "bench_one", lambda impl, *a: measured.append(impl) or bench_one(impl, *a))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -99,15 +99,13 @@ def test_bench_loader_with_one_backend_failing_exits_0_with_a_one_line_note(
     assert table[-2].startswith("torch ") and len(table) == 4, table
 
 
-@pytest.mark.parametrize("where", ["under a file", "in /proc"])
-def test_bench_loader_unwritable_json_is_refused_before_measuring(where: str, photo_train: Path, tmp_path: Path,
+def test_bench_loader_unwritable_json_is_refused_before_measuring(unwritable: Callable[[str], Path], photo_train: Path,
                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """It once timed every backend and only then failed to write the JSON."""
     import pipeline.bench as bench_module
 
-    (tmp_path / "file").write_text("")
-    path = tmp_path / "file" / "bench.json" if where == "under a file" else Path("/proc/mveb-bench/bench.json")
+    path = unwritable("bench.json")
     timed: list[str] = []
     bench_backend = bench_module.bench_backend
     monkeypatch.setattr(bench_module, "bench_backend",

@@ -5,6 +5,7 @@ of `bench all` can run apart."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -248,17 +249,15 @@ def test_step_bench_loader_failing_in_its_workers_is_a_one_line_note(photo_train
 
 
 @pytest.mark.parametrize("option", ["--json", "--trace"])
-@pytest.mark.parametrize("where", ["under a file", "in /proc"])
 def test_step_bench_unwritable_json_or_trace_is_refused_before_measuring(
-        option: str, where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        option: str, unwritable: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     """Either once failed only after the step was timed: --json after the first variant,
     --trace in every variant (a traceback, as the baseline's failure propagated)."""
     import mveb.bench_step as bench_module
     from mveb.cli import main
 
-    (tmp_path / "file").write_text("")
-    path = tmp_path / "file" / "out" if where == "under a file" else Path("/proc/mveb-bench/out")
+    path = unwritable("out")
     timed: list[str] = []
     run_variant = bench_module.run_variant
     monkeypatch.setattr(bench_module, "run_variant",
@@ -284,15 +283,13 @@ def test_bench_all_that_measures_nothing_exits_1_with_why(tmp_path: Path,
     assert "failed: UsageError:" in (out / "summary.md").read_text()
 
 
-@pytest.mark.parametrize("where", ["under a file", "in /proc"])
-def test_bench_all_unwritable_out_is_one_line_before_any_part(where: str, tmp_path: Path,
+def test_bench_all_unwritable_out_is_one_line_before_any_part(unwritable: Callable[[str], Path],
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     import mveb.bench_all as bench_module
     from mveb.cli import main
 
-    (tmp_path / "file").write_text("")
-    out = tmp_path / "file" / "bench" if where == "under a file" else Path("/proc/mveb-bench")
+    out = unwritable("bench")
     ran: list[str] = []
     part = bench_module._part
     monkeypatch.setattr(bench_module, "_part", lambda name, *a: ran.append(name) or part(name, *a))

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from mveb.errors import UsageError
 from mveb.devices import resolve_device
-from mveb.files import write_atomic
+from mveb.files import check_writable, write_atomic
 from pipeline.images import check_same_class_folders
 from train.features import check_eval_options, check_same_classes, extract_features, load_backbone
 
@@ -88,6 +88,7 @@ def run_eval(args: argparse.Namespace, what: str, evaluate: Callable[[torch.nn.M
              setting: Callable[[dict], str]) -> dict:
     """The part `mveb knn` and `mveb lineval` share: backbone, device, timing, printing, JSON."""
     start = time.perf_counter()
+    check_writable(None if args.json == "-" else args.json, "--json")  # before the features, not after
     device = resolve_device(args.device)
     backbone = load_backbone(args.checkpoint, args.arch)
     check_same_class_folders(("--train", args.train), ("--val", args.val))  # before any feature
