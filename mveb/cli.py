@@ -13,7 +13,19 @@ from mveb.errors import UsageError
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad option as one line and exit code 2, no usage dump."""
+    """argparse that reports a bad option as one line and exit code 2, no usage dump; and that
+    takes key=value overrides between flags too (`--epochs 3 a=1 --out x b=2`), where argparse
+    gives a nargs="*" positional only its first run of words and calls the rest unrecognized."""
+
+    def parse_args(self, args: list[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            others = [x for x in extra if x.startswith("-") or "=" not in x]
+            if others or not isinstance(getattr(parsed, "overrides", None), list):
+                self.error(f"unrecognized arguments: {' '.join(others or extra)}")
+            parsed.overrides += extra
+        return parsed
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")

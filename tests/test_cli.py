@@ -29,6 +29,25 @@ def test_wrong_option_is_one_line_exit_2() -> None:
     assert "Traceback" not in r.stderr
 
 
+def test_overrides_may_come_between_flags_in_order(capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse once took only the first run of key=value words and called the rest
+    unrecognized arguments; what is not an override is still one."""
+    from mveb.cli import build_parser
+    from slurm.launch import train_parser
+
+    args = build_parser().parse_args(["pretrain", "a=1", "--data", "d", "b=2", "--out", "o", "a=3"])
+    assert (args.overrides, args.data, args.out) == (["a=1", "b=2", "a=3"], "d", "o")
+    args = train_parser().parse_args(["--nodes", "2", "a=1", "--data", "d", "b=2"])
+    assert (args.overrides, args.nodes) == (["a=1", "b=2"], 2)
+    for argv, bad in ((["pretrain", "a=1", "--data", "d", "oops", "--out", "o"], "oops"),
+                      (["pretrain", "--data", "d", "--out", "o", "a=1", "--bogus=1"], "--bogus=1"),
+                      (["knn", "--train", "t", "--val", "v", "a=1"], "a=1")):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(argv)
+        assert e.value.code == 2
+        assert capsys.readouterr().err == f"mveb: error: unrecognized arguments: {bad} (see mveb --help)\n"
+
+
 def test_slurm_launch_help() -> None:
     r = subprocess.run([sys.executable, "slurm/launch.py", "--help"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -180,6 +180,7 @@ def test_no_sbatch_suggests_local_or_dry_run(capsys: pytest.CaptureFixture[str],
     # The flag once won silently (and under `mveb pretrain` the override did).
     (False, ["run.out=elsewhere"], "--out and run.out=elsewhere both set run.out; give one"),
     (False, ["--batch-per-gpu", "4", "data.batch_size=8"], "--batch-per-gpu and data.batch_size=8 both set"),
+    (False, ["optim.base_lr=0.1", "--nodes", "1", "run.log_every_steps=0"], "run.log_every_steps=0; it must be"),
 ])
 def test_dry_run_with_data_checks_the_config(capsys: pytest.CaptureFixture[str], tmp_path: Path, photo_train: Path,
                                              missing: bool, overrides: list[str], expect: str) -> None:

@@ -307,6 +307,8 @@ def test_batch_size_flag_replaces_a_runs_saved_global_batch(uninterrupted: Path,
     # The override once won silently.
     (["--loader", "torch", "data.loader=dali"], "--loader and data.loader=dali both set data.loader; give one"),
     (["--batch-size", "4", "data.global_batch_size=8"], "--batch-size and data.global_batch_size=8 both set"),
+    # An override after a later flag was once an unrecognized argument, not the override it is.
+    (["optim.base_lr=0.1", "--epochs", "3", "model.proj_dim=0"], "model.proj_dim=0; it must be at least 1"),
     (["monitor.knn_every_epochs=1", "monitor.knn_train=TINY", "monitor.knn_val=PHOTOS"],
      "monitor.knn_train and monitor.knn_val have different class folders (4 and 12)"),
 ])
