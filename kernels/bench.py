@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from kernels import mveb_loss
-from mveb.bench import exit_status, outcomes
+from mveb.bench import exit_status, one_line, outcomes
 from mveb.devices import DTYPES, resolve_device
 from mveb.errors import UsageError
 from mveb.files import check_writable, write_atomic
@@ -58,6 +58,7 @@ class Result:
     gpu_ms: float | None = None
     top_kernels: list[tuple[str, float]] | None = None
     skipped: str | None = None
+    error: str | None = None  # the case raised: one line, and the other cases still run
     profile_error: str | None = None  # timed, but the profiler could not run (CUPTI refused)
 
 
@@ -105,6 +106,8 @@ def bench_one(impl: str, b: int, d: int, views: int, dtype: torch.dtype, device:
             profiled = {"profile_error": str(e).splitlines()[0][:200]}
     except torch.OutOfMemoryError:
         return Result(impl, b, skipped="out of memory")
+    except Exception as e:  # a Triton compile failure at one B must not cost the whole table
+        return Result(impl, b, error=one_line(e))
     finally:
         online.grad = None
     return Result(impl, b, ms=statistics.median(times), ms_min=min(times), peak_mib=peak, steps=len(times),
@@ -208,6 +211,9 @@ def format_table(results: list[Result], device: torch.device, args: argparse.Nam
     for r in results:
         if r.skipped:
             lines.append(f"| {r.batch} | {r.impl} | - | - | - | - | - | - | - | skipped: {r.skipped} |")
+            continue
+        if r.error:
+            lines.append(f"| {r.batch} | {r.impl} | - | - | - | - | - | - | - | failed: {r.error} |")
             continue
         speed = f"{ref[r.batch] / r.ms:.2f}x" if r.batch in ref else "-"
         peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "n/a"

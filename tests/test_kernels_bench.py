@@ -50,6 +50,28 @@ def test_bench_kernels_that_measures_nothing_exits_1_with_why(tmp_path: Path,
     assert [r["skipped"] for r in json.loads(out.read_text())["results"]] == ["needs CUDA"] * 4
 
 
+def test_a_case_that_raises_is_a_failed_row_not_the_end_of_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """One case raising (a Triton compile error at one B, on the GPU) once aborted the run with
+    a traceback: the cases measured before it were lost, those after it never ran."""
+    import kernels.bench as bench_module
+
+    def broken(online: object, targets: object) -> None:
+        raise RuntimeError("PassManager::run failed\n(the compiler's dump)")
+
+    loss_fn = bench_module._loss_fn
+    monkeypatch.setattr(bench_module, "_loss_fn", lambda impl: broken if impl == "torch" else loss_fn(impl))
+    out = tmp_path / "k.json"
+    assert main(["bench", "kernels", "--device", "cpu", "--impls", "torch,reference", "--batch-sizes", "8,16",
+                 "--dim", "16", "--views", "3", "--seconds", "0", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    for b in (8, 16):
+        assert f"| {b} | torch | - | - | - | - | - | - | - | failed: RuntimeError: PassManager::run failed |" in table
+    rows = {(r["impl"], r["batch"]): r for r in json.loads(out.read_text())["results"]}
+    assert rows[("torch", 16)]["error"] == "RuntimeError: PassManager::run failed"
+    assert rows[("reference", 16)]["ms"] > 0 and rows[("reference", 16)]["error"] is None
+
+
 def test_bench_kernels_unwritable_json_is_refused_before_measuring(unwritable: Callable[[str], Path],
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
