@@ -26,6 +26,7 @@ from mveb.devices import resolve_device
 from mveb.errors import UsageError
 from mveb.files import check_writable, write_atomic
 from pipeline.bench import row_label as loader_label
+from pipeline.images import check_image_folder
 
 
 def _run(argv: list[str]) -> None:
@@ -82,6 +83,8 @@ def bench_all(device: str, data: str | None, out: Path, compile: bool = True,
         raise UsageError(f"--parts takes a comma list of {', '.join(PARTS)}, got {','.join(parts)!r}")
     dev = resolve_device(device)
     gpu = dev.type == "cuda"
+    if data is not None and ("loader" in parts or "step" in parts):
+        check_image_folder(data)  # a mistyped --data is the user's error, not two failed parts
     check_writable(out, "--out", folder=True)
     out.mkdir(parents=True, exist_ok=True)
     earlier = out / "results.json"

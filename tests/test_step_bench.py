@@ -274,13 +274,28 @@ def test_bench_all_that_measures_nothing_exits_1_with_why(tmp_path: Path,
     """Every part run failing once exited 0; the summary is still written."""
     from mveb.cli import main
 
-    out = tmp_path / "bench"
+    data, out = tmp_path / "broken", tmp_path / "bench"
+    (data / "a").mkdir(parents=True)
+    for i in range(40):  # more than a batch: each backend fails on decoding, not on the count
+        (data / "a" / f"{i}.jpg").write_bytes(b"not a jpeg")
     assert main(["bench", "all", "--device", "cpu", "--out", str(out), "--parts", "loader",
-                 "--data", str(tmp_path / "none")]) == 1
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        f"mveb bench all: nothing measured: loader: UsageError: {tmp_path / 'none'} does not exist; "
-        "pass an ImageFolder root (one subfolder per class)")
-    assert "failed: UsageError:" in (out / "summary.md").read_text()
+                 "--data", str(data)]) == 1
+    why = capsys.readouterr().err.splitlines()[-1]
+    assert why.startswith("mveb bench all: nothing measured: loader: ") and "decoded" in why, why
+    assert (out / "summary.md").read_text().count("`mveb validate`") == 3  # a row per backend
+
+
+def test_bench_all_with_a_missing_data_folder_is_one_line_before_any_part(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """It once ran the kernels part, failed the loader and step parts on it, and exited 1 (nothing
+    measured) where a usage error exits 2."""
+    from mveb.cli import main
+
+    assert main(["bench", "all", "--device", "cpu", "--out", str(tmp_path / "bench"), "--data",
+                 str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err == (f"mveb bench: error: {tmp_path / 'none'} does not exist; pass an ImageFolder "
+                                       "root (one subfolder per class)\n")
+    assert not (tmp_path / "bench").exists()
 
 
 def test_bench_all_unwritable_out_is_one_line_before_any_part(unwritable: Callable[[str], Path],
