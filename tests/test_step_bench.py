@@ -287,8 +287,8 @@ def test_bench_all_that_measures_nothing_exits_1_with_why(tmp_path: Path,
 
 def test_bench_all_with_a_missing_data_folder_is_one_line_before_any_part(tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    """It once ran the kernels part, failed the loader and step parts on it, and exited 1 (nothing
-    measured) where a usage error exits 2."""
+    """It once ran the kernels part, failed the loader and step parts on it, and exited 0 (the
+    kernels measured) where a usage error exits 2."""
     from mveb.cli import main
 
     assert main(["bench", "all", "--device", "cpu", "--out", str(tmp_path / "bench"), "--data",
