@@ -50,7 +50,7 @@ def add_bench_loader_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: the CPUs this job may use)")
     p.add_argument("--seconds", type=float, default=20.0, help="timed seconds per backend after warm-up")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA when present)")
     p.add_argument("--dtype", default="fp32", help="output dtype: fp32, or bf16/fp16 as the training step reads them")
     p.add_argument("--dali-tuning", default="", metavar="KEY=VALUE,...",
                    help="how the dali backend runs, e.g. hw_decoder_load=0.95,prefetch=2 (pipeline/dali_graph.py "
