@@ -85,6 +85,7 @@ def _pretrain(data: Path, run_dir: Path, minutes: float, loader: str) -> dict:
 
 def run_demo(out: Path, minutes: float = 3.0, loader: str = "ffcv") -> int:
     from mveb.errors import UsageError
+    from mveb.files import check_writable
 
     if not 0 < minutes < math.inf:
         raise UsageError(f"--minutes must be positive, got {minutes}")
@@ -93,6 +94,7 @@ def run_demo(out: Path, minutes: float = 3.0, loader: str = "ffcv") -> int:
 
     cfg = get_config("demo")
     arch, image_size = cfg.model.arch, cfg.data.recipe().global_size
+    check_writable(out, "--out", folder=True)
     out.mkdir(parents=True, exist_ok=True)
     st = Stages()
     photos = st.run("photo set", lambda: build_photo_folder(out / "photos"),
