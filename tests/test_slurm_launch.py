@@ -191,6 +191,15 @@ def test_dry_run_with_data_checks_the_config(capsys: pytest.CaptureFixture[str],
     assert expect in err
 
 
+def test_dry_run_with_data_checks_the_run_folder_can_be_written(capsys: pytest.CaptureFixture[str], photo_train: Path,
+                                                                unwritable: Callable[[str], Path]) -> None:
+    """A dry run once printed the plan for a run folder the job could never create."""
+    out = unwritable("run")
+    err = _one_line_error(capsys, ["--gpus-per-node", "0", "--config", "demo", "--data", str(photo_train),
+                                   "--out", str(out), "--dry-run"])
+    assert err.startswith(f"python slurm/launch.py: error: --out {out}: "), err
+
+
 @pytest.mark.parametrize("dry_run", [["--dry-run"], []], ids=["dry-run", "submit"])
 @pytest.mark.parametrize("argv, expect", [
     (["shards", "--max-res", "0"], "--max-res must be at least 8, got 0"),
