@@ -213,7 +213,7 @@ def _wait_local(job: Any) -> int:
 
 
 def launch_training(a: argparse.Namespace) -> int:
-    from mveb.files import check_writable, write_atomic
+    from mveb.files import write_atomic
     from train.config import check_config, check_flag_conflicts, get_config
 
     # A run's config.json names the job after its run folder.
@@ -238,7 +238,6 @@ def launch_training(a: argparse.Namespace) -> int:
     # A dry run without --data shows the plan alone; given --data, it fails where the submission would.
     if a.data is not None or not a.dry_run:
         check_config(cfg, res.world_size)
-        check_writable(run_dir, "--out", folder=True)
 
     _print_plan(res, plan)
     print(f"run folder: {run_dir}")

@@ -83,3 +83,14 @@ def unwritable(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str]
     (tmp_path / "a-file").write_text("")
     base = tmp_path / "a-file" if request.param == "under a file" else Path("/proc/mveb-test")
     return lambda name: base / name
+
+
+@pytest.fixture
+def unprivileged() -> list[str]:
+    """A command prefix under which a read-only folder refuses writes: as root, setpriv drops
+    the override of file permissions (as a sandbox or a root-squashed NFS does)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("as root, a read-only folder needs setpriv to drop CAP_DAC_OVERRIDE")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]

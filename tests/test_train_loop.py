@@ -328,6 +328,18 @@ def test_bad_config_is_one_line(argv: list[str], message: str, tiny_train: Path,
     assert not (tmp_path / "run").exists() and not (tiny_train / "runs").exists()
 
 
+def test_a_read_only_run_folder_is_one_line_before_the_loader(tiny_train: Path, tmp_path: Path,
+                                                              unprivileged: list[str]) -> None:
+    """It once passed the config check and ended in a PermissionError traceback on the lock file."""
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    r = subprocess.run([*unprivileged, sys.executable, "-m", "mveb", "pretrain", "--config", "demo", "--data",
+                        str(tiny_train), "--out", str(ro)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == f"mveb pretrain: error: --out {ro}: cannot write in {ro} (Permission denied)"
+    assert not list(ro.iterdir())
+
+
 def _one_step(loader_name: str, impl: str, data: Path) -> dict:
     from pipeline.loaders import build_loader
 

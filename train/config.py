@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mveb.errors import UsageError
+from mveb.files import check_writable
 from pipeline.images import check_same_class_folders
 from pipeline.recipe import DEFAULT_RECIPE, MultiCropRecipe
 
@@ -235,6 +236,7 @@ def check_config(cfg: Config, world_size: int) -> None:
         # A run folder inside an ImageFolder would be read as one of its classes by the next job.
         if path and Path(path).is_dir() and out.is_relative_to(Path(path).resolve()):
             raise UsageError(f"--out {cfg.run.out} is inside {key} {path}; put the run folder outside the data")
+    check_writable(out, "--out", folder=True)  # before the loader and any rendezvous, on every rank
     r = cfg.run.resume
     if r not in ("auto", "none") and not Path(r).is_file():
         raise UsageError(f"--resume {r}: no such checkpoint; pass auto, none or a checkpoint file")
