@@ -33,6 +33,7 @@ if __package__ in (None, ""):
 
 from mveb.cli import OneLineParser  # noqa: E402
 from mveb.errors import UsageError  # noqa: E402
+from mveb.files import check_writable, write_atomic  # noqa: E402
 from slurm.plan import BatchPlan, Resources, batch_plan, parse_time, resources  # noqa: E402
 
 PROG = "python slurm/launch.py"
@@ -213,7 +214,6 @@ def _wait_local(job: Any) -> int:
 
 
 def launch_training(a: argparse.Namespace) -> int:
-    from mveb.files import write_atomic
     from train.config import check_config, check_flag_conflicts, get_config
 
     # A run's config.json names the job after its run folder.
@@ -277,6 +277,7 @@ def launch_shards(a: argparse.Namespace) -> int:
     check_shard_options(a.max_res, a.quality, a.limit, a.timeout)
     workers = _job_workers(a, res)
     src, out = Path(a.src).resolve(), Path(a.out).resolve()
+    check_writable(out, "--out")
     folder = out.parent / f"{out.name}.submitit"
     _print_plan(res, None)
     print(f"shard: {src} -> {out}")
@@ -311,6 +312,8 @@ def launch_validate(a: argparse.Namespace) -> int:
               "reads it (keep MVEB_CACHE_DIR the same for training)")
     folder = report.parent / f"{src.name}.validate.submitit"  # beside the report, which is writable
     fix_list = str(Path(a.fix_list).resolve()) if a.fix_list else None
+    check_writable(chosen, "--report")
+    check_writable(fix_list, "--fix-list")
     _print_plan(res, None)
     print(f"validate: {src} -> {report}")
     if a.dry_run:
@@ -335,6 +338,7 @@ def launch_bench(a: argparse.Namespace) -> int:
                          "(for one GPU run `mveb bench step` directly)")
     check_counts(a.batch_size, a.steps)
     out = Path(a.out).resolve()
+    check_writable(out, "--out", folder=True)
     _print_plan(res, None)
     print(f"report (when done): {out / 'bench.json'}")
     if a.dry_run:

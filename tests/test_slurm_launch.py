@@ -210,6 +210,11 @@ def test_dry_run_with_data_checks_the_run_folder_can_be_written(capsys: pytest.C
     (["bench", "--batch-size", "0"], "--batch-size must be at least 2"),
     (["bench", "--batch-size", "1"], "--batch-size must be at least 2"),
     (["bench", "--steps", "0"], "--steps must be at least 1, got 0"),
+    # Each once failed only in the job, after the queue (validate after its whole scan).
+    (["shards", "--out", "/proc/mveb-test/x.beton"], "--out /proc/mveb-test/x.beton: cannot write in /proc"),
+    (["validate", "--report", "/proc/mveb-test/r.json"], "--report /proc/mveb-test/r.json: cannot write in /proc"),
+    (["validate", "--fix-list", "/proc/mveb-test/f.txt"], "--fix-list /proc/mveb-test/f.txt: cannot write in /proc"),
+    (["bench", "--out", "/proc/mveb-test/b"], "--out /proc/mveb-test/b: cannot write in /proc"),
 ])
 def test_job_options_are_checked_before_submitting(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch, argv: list[str], expect: str,
@@ -221,7 +226,7 @@ def test_job_options_are_checked_before_submitting(capsys: pytest.CaptureFixture
     where = {"shards": ["--src", str(src), "--out", str(tmp_path / "x.beton")],
              "validate": ["--src", str(src)],
              "bench": ["--gpus-per-node", "0", "--tasks-per-node", "2", "--out", str(tmp_path / "b")]}[argv[0]]
-    assert expect in _one_line_error(capsys, [*argv, *where, *dry_run])
+    assert expect in _one_line_error(capsys, [argv[0], *where, *argv[1:], *dry_run])  # argv's --out wins
     assert not list(tmp_path.glob("*.submitit")) and not (tmp_path / "b").exists()
 
 
