@@ -7,8 +7,10 @@ its `good` list.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ class ScanResult:
     good: list[Sample] = field(default_factory=list)  # (path, label)
     bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     seconds: float = 0.0
+    resumed: int = 0  # verdicts kept from a scan of the same files that was cut short
 
     def report(self) -> dict:
         return {"root": self.root, "classes": self.classes, "files": len(self.good) + len(self.bad),
@@ -39,32 +42,120 @@ class ScanResult:
 
 def scan(src: str | Path, workers: int | None = None, classes: list[str] | None = None,
          progress: bool = True) -> ScanResult:
-    """Fully decode every image under `src` in `workers` processes; sort good from bad."""
+    """Fully decode every image under `src` in `workers` processes; sort good from bad.
+
+    Verdicts are journaled as they come: a scan killed partway (a preempted job, ImageNet's
+    hour of decoding) resumes where it stopped, decoding again only the files not judged yet
+    or changed since (size or mtime). A completed scan removes its journal, so each full scan
+    decodes everything."""
     start = time.perf_counter()
     class_names, samples = list_image_folder(src, classes)
     workers = decoding_processes(workers)
-    paths = [p for p, _ in samples]
-    bar = tqdm(total=len(paths), desc="decode", unit="img", disable=not progress, smoothing=0.1)
-    if workers == 1 or len(paths) < 64:
-        reasons = []
-        for p in paths:
-            reasons.append(why_undecodable(p))
+    journal = ScanJournal(Path(src))
+    verdicts = journal.kept([p for p, _ in samples])
+    todo = [p for p, _ in samples if p not in verdicts]
+    bar = tqdm(total=len(samples), initial=len(verdicts), desc="decode", unit="img", disable=not progress,
+               smoothing=0.1)
+    with journal:
+        if workers == 1 or len(todo) < 64:
+            judged = map(_verdict, todo)
+        else:
+            pool = journal.enter_context(ProcessPoolExecutor(workers))
+            judged = pool.map(_verdict, todo, chunksize=max(1, min(64, len(todo) // (workers * 8))))
+        for path, verdict in zip(todo, judged):
+            verdicts[path] = verdict[2]
+            journal.add(path, verdict)
             bar.update()
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            reasons = []
-            for r in pool.map(why_undecodable, paths, chunksize=max(1, min(64, len(paths) // (workers * 8)))):
-                reasons.append(r)
-                bar.update()
+        journal.completed = True
     bar.close()
-    result = ScanResult(str(src), class_names)
-    for (path, label), reason in zip(samples, reasons):
+    result = ScanResult(str(src), class_names, resumed=len(samples) - len(todo))
+    for path, label in samples:
+        reason = verdicts[path]
         if reason is None:
             result.good.append((path, label))
         else:
             result.bad.append((path, reason))
     result.seconds = time.perf_counter() - start
     return result
+
+
+Verdict = tuple[int, int, str | None]  # (size, mtime_ns, why undecodable or None)
+
+
+def _verdict(path: str) -> Verdict:
+    try:  # stat before the decode: a file rewritten during it is judged again next time
+        st = os.stat(path)
+    except OSError:
+        return -1, -1, why_undecodable(path)
+    return st.st_size, st.st_mtime_ns, why_undecodable(path)
+
+
+class ScanJournal(contextlib.ExitStack):
+    """One JSON line [path, size, mtime_ns, reason] per judged file, in the cache; written
+    every few seconds, so a kill loses at most those. An unwritable cache only costs the resume."""
+
+    FLUSH_S = 2.0
+
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.path = cache_dir("scans") / f"{cache_name(root.resolve())}.jsonl"
+        self.pending: list[str] = []
+        self.last_flush = time.monotonic()
+        self.completed = False
+        self.writable = True
+
+    def kept(self, paths: list[str]) -> dict[str, str | None]:
+        """The verdicts of an interrupted scan that still hold: same path, size and mtime."""
+        try:
+            lines = self.path.read_text().splitlines()
+        except OSError:  # none (the usual case), or unreadable: decode everything
+            return {}
+        journaled: dict[str, Verdict] = {}
+        for line in lines:
+            try:
+                path, size, mtime, reason = json.loads(line)
+            except (ValueError, TypeError):  # the line a kill cut short
+                continue
+            journaled[path] = (size, mtime, reason)
+        kept = {}
+        for path in paths:
+            if path in journaled:
+                size, mtime, reason = journaled[path]
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                if (st.st_size, st.st_mtime_ns) == (size, mtime):
+                    kept[path] = reason
+        return kept
+
+    def add(self, path: str, verdict: Verdict) -> None:
+        self.pending.append(json.dumps([path, *verdict]) + "\n")
+        if time.monotonic() - self.last_flush > self.FLUSH_S:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.last_flush = time.monotonic()
+        lines, self.pending = "".join(self.pending), []
+        if not (lines and self.writable):
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:  # one write: whole lines, even beside another scan
+                f.write(lines)
+        except OSError as e:
+            self.writable = False
+            sys.stderr.write(f"warning: cannot keep the scan's progress in {self.path} ({e.strerror}); "
+                             "a scan killed partway starts over\n")
+
+    def __exit__(self, *exc: object) -> bool:
+        try:
+            return bool(super().__exit__(*exc))  # the pool first: its verdicts are all in
+        finally:
+            if self.completed:
+                self.path.unlink(missing_ok=True)
+            else:
+                self._flush()
 
 
 def fix_list_text(result: ScanResult) -> str:
@@ -114,7 +205,8 @@ def validate(src: str | Path, report: str | Path | None = None, fix_list: str | 
     if fix_list:
         write_atomic(fix_list, fix_list_text(result))
     print(f"{len(result.good)} decodable, {len(result.bad)} broken of {len(result.good) + len(result.bad)} files "
-          f"in {result.seconds:.1f} s; report: {report}" + (f"; fix-list: {fix_list}" if fix_list else ""))
+          f"in {result.seconds:.1f} s" + (f" ({result.resumed} judged by the scan cut short before)" if result.resumed
+                                            else "") + f"; report: {report}" + (f"; fix-list: {fix_list}" if fix_list else ""))
     for path, reason in result.bad[:10]:
         print(f"  broken: {path}: {reason}")
     if len(result.bad) > 10:
