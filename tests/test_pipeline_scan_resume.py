@@ -65,3 +65,30 @@ def test_an_unwritable_cache_costs_the_resume_not_the_scan(photo_train: Path, mo
     assert len(result.good) == 288 and not result.bad
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
     assert len(warnings) == 1 and "a scan killed partway starts over" in warnings[0], warnings
+
+
+def test_an_interrupted_parallel_scan_stops_without_decoding_the_rest(photo_train: Path, tmp_path: Path) -> None:
+    """The pool's path: the chunks queued but not started are dropped (an interrupted scan must
+    not decode the rest of ImageNet before it exits), and what was judged is kept."""
+    import signal
+
+    decoded = tmp_path / "decoded.txt"
+    code = ("import time, pipeline.validate as v\n"
+            "v.ScanJournal.FLUSH_S = 0\n"
+            "decode = v.why_undecodable\n"
+            f"def slow(p):\n    time.sleep(0.05)\n    open({str(decoded)!r}, 'a').write(p + '\\n')\n"
+            "    return decode(p)\n"
+            "v.why_undecodable = slow\n"
+            f"v.scan({str(photo_train)!r}, workers=2, progress=False)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    journal = ScanJournal(photo_train).path
+    deadline = time.monotonic() + 120
+    while _complete_lines(journal) < 20 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # the main process only, as a handler's exit would leave it
+    _, err = proc.communicate(timeout=120)
+    assert "KeyboardInterrupt" in err
+    assert _complete_lines(decoded) < 200, "the queued chunks were decoded after the interrupt"
+    judged = _complete_lines(journal)
+    assert 20 <= judged < 288
+    assert scan(photo_train, workers=1, progress=False).resumed == judged
