@@ -1,5 +1,5 @@
-"""The callables submitit runs on the cluster: pretraining (requeued on preemption), shards and
-the DDP step benchmark.
+"""The callables submitit runs on the cluster: pretraining (requeued on preemption), validate
+and shards (requeued too; their scan resumes) and the DDP step benchmark.
 
 Launching stays apart from training: `TrainJob` only turns the submitit task environment
 into torch.distributed's and calls `train.pretrain.pretrain(cfg)`, which owns checkpoints,
@@ -24,7 +24,7 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import submitit
 
@@ -85,6 +85,19 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(TrainJob({**self.config, "run": run}))
 
 
+class CpuJob(submitit.helpers.Checkpointable):
+    """`mveb validate` or `mveb shards` as a job that a time limit requeues as a preemption
+    does (submitit ends a plain function's job at its time limit). The rerun's scan resumes
+    from its journal (pipeline/validate.py), so the decoding done before the signal is kept;
+    a shard's write starts over."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+
+    def __call__(self) -> Any:
+        return self.fn(*self.args, **self.kwargs)
+
+
 def shard_job(src: str, out: str, **options: Any) -> dict[str, Any]:
     """`mveb shards` as a CPU job: one task, its CPUs as writer processes."""
     from pipeline.shards import build_shard
@@ -97,7 +110,8 @@ def validate_job(src: str, report: str | None, fix_list: str | None, workers: in
     from pipeline.validate import validate
 
     result = validate(src, report, fix_list, workers)
-    return {"decodable": len(result.good), "broken": len(result.bad), "seconds": result.seconds}
+    return {"decodable": len(result.good), "broken": len(result.bad), "seconds": result.seconds,
+            "resumed": result.resumed}
 
 
 def bench_job(json_path: str, **options: Any) -> dict[str, Any] | None:

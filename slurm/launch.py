@@ -271,7 +271,7 @@ def _job_workers(a: argparse.Namespace, res: Resources) -> int:
 
 def launch_shards(a: argparse.Namespace) -> int:
     from pipeline.shards import check_shard_options
-    from slurm.job import shard_job
+    from slurm.job import CpuJob, shard_job
 
     res = _cluster_resources(a, "mveb-shards", nodes=1, gpus_per_node=0, tasks_per_node=1)
     check_shard_options(a.max_res, a.quality, a.limit, a.timeout)
@@ -287,16 +287,16 @@ def launch_shards(a: argparse.Namespace) -> int:
     if not src.is_dir():
         raise UsageError(f"--src {src} is not a folder; pass an ImageFolder root (one subfolder per class)")
     _check_submit(a, res)
-    job = _submit(a, res, folder, shard_job, str(src), str(out), max_res=a.max_res, quality=a.quality,
-                  workers=workers, limit=a.limit, classes=a.classes, timeout_s=a.timeout,
-                  progress=False)
+    job = _submit(a, res, folder, CpuJob(shard_job, str(src), str(out), max_res=a.max_res, quality=a.quality,
+                                         workers=workers, limit=a.limit, classes=a.classes, timeout_s=a.timeout,
+                                         progress=False))
     print(f"report (when done): {out}.report.json")
     return _wait_local(job) if a.local else 0
 
 
 def launch_validate(a: argparse.Namespace) -> int:
     from pipeline.validate import kept_report
-    from slurm.job import validate_job
+    from slurm.job import CpuJob, validate_job
 
     res = _cluster_resources(a, "mveb-validate", nodes=1, gpus_per_node=0, tasks_per_node=1)
     workers = _job_workers(a, res)
@@ -322,7 +322,7 @@ def launch_validate(a: argparse.Namespace) -> int:
     if not src.is_dir():
         raise UsageError(f"--src {src} is not a folder; pass an ImageFolder root (one subfolder per class)")
     _check_submit(a, res)
-    job = _submit(a, res, folder, validate_job, str(src), chosen, fix_list, workers)
+    job = _submit(a, res, folder, CpuJob(validate_job, str(src), chosen, fix_list, workers))
     print(f"report (when done): {report}")
     return _wait_local(job) if a.local else 0
 

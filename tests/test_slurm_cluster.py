@@ -1,7 +1,8 @@
 """slurm/launch.py on the real local cluster (slurm/cluster/up.sh): the demo config trained by
 2 nodes x 2 CPU tasks over gloo, a run that a signal requeues and that resumes from its
-checkpoint (and that a plain scancel then stops for good), a shard build as a CPU job, and the
-DDP step benchmark over 2 nodes.
+checkpoint (and that a plain scancel then stops for good), a validate job that a signal requeues
+mid-scan and that resumes its scan, a shard build as a CPU job, and the DDP step benchmark over
+2 nodes.
 
 The three jobs are submitted together (the cluster runs them side by side) and each test
 waits for its own: most of a job's time here is Python start-up, which overlaps well.
@@ -10,6 +11,7 @@ waits for its own: most of a job's time here is Python start-up, which overlaps 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import shutil
@@ -57,12 +59,32 @@ def jobs(tmp_path_factory: pytest.TempPathFactory, photo_train: Path) -> Iterato
     assert main(["validate", "--src", str(checked), "--cpus-per-task", "1", "--time", "10"]) == 0
     folder = checked.parent / "train.validate.submitit"
     out["validate"] = (folder, next(folder.glob("*_submitted.pkl")).name.split("_")[0])
+    out["validate_requeue"] = _launch_slow_validate(root / "requeue_validate")
     bench = root / "bench"
     assert main(["bench", "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10",
                  "--batch-size", "4", "--steps", "2", "--profile", "--out", str(bench)]) == 0
     out["bench"] = (bench / "submitit", next((bench / "submitit").glob("*_submitted.pkl")).name.split("_")[0])
     yield out
     subprocess.run(["scancel", *(job_id for _, job_id in out.values())], capture_output=True)
+
+
+SLOW_IMAGES = 300
+
+
+def _launch_slow_validate(root: Path) -> tuple[Path, str]:
+    """A validate job slow enough to be signalled mid-scan: one 3000 px JPEG (about 60 ms to
+    decode here) under SLOW_IMAGES hard links, so it costs no disk."""
+    from PIL import Image
+
+    src = root / "train"
+    (src / "a").mkdir(parents=True)
+    big = root / "big.jpg"
+    Image.linear_gradient("L").resize((3000, 3000)).convert("RGB").save(big, quality=95)
+    for i in range(SLOW_IMAGES):
+        os.link(big, src / "a" / f"{i}.jpg")
+    assert main(["validate", "--src", str(src), "--cpus-per-task", "1", "--time", "10"]) == 0
+    folder = root / "train.validate.submitit"
+    return folder, next(folder.glob("*_submitted.pkl")).name.split("_")[0]
 
 
 def _in_queue(job_id: str) -> bool:
@@ -99,6 +121,23 @@ def _load(checkpoint: Path | None) -> dict[str, Any]:
 def _metrics(run: Path) -> list[dict[str, Any]]:
     path = run / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.slow
+def test_a_validate_job_signalled_mid_scan_is_requeued_and_resumes_its_scan(
+        jobs: dict[str, tuple[Path, str]]) -> None:
+    """First in this file: its job must still be scanning when the signal comes."""
+    from pipeline.validate import ScanJournal
+
+    folder, job_id = jobs["validate_requeue"]
+    journal = ScanJournal(folder.parent / "train").path
+    _wait("the scan's journal", lambda: journal.exists() and journal.stat().st_size > 0, folder, job_id)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    (summary,) = _results(folder, job_id, tasks=1)
+    assert (summary["decodable"], summary["broken"]) == (SLOW_IMAGES, 0)
+    assert 0 < summary["resumed"] < SLOW_IMAGES, "the requeued job decoded everything again"
+    assert (folder / f"{job_id}_0_log.out").read_text().count("Starting with JobEnvironment") == 2
+    assert not journal.exists()
 
 
 @pytest.mark.slow

@@ -281,3 +281,16 @@ def test_rendezvous_from_a_slurm_task_environment(monkeypatch: pytest.MonkeyPatc
         monkeypatch.setenv(name, value)
     assert rendezvous_from_submitit() == {"RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3",
                                           "MASTER_ADDR": "gpu07", "MASTER_PORT": "21234"}
+
+
+def test_validate_and_shard_jobs_are_requeued_at_a_time_limit(tmp_path: Path, photo_train: Path) -> None:
+    """submitit ends a plain function's job at its time limit ("timed-out and not
+    checkpointable"); the job it requeues instead runs the same call again, whose scan resumes."""
+    import pickle
+
+    from slurm.job import CpuJob, validate_job
+
+    job = CpuJob(validate_job, str(photo_train), str(tmp_path / "r.json"), None, 1)
+    again = pickle.loads(pickle.dumps(job.checkpoint()))  # what submitit writes for the requeued job
+    assert again.result()["decodable"] == 288
+    assert json.loads((tmp_path / "r.json").read_text())["good"] == 288
