@@ -56,17 +56,16 @@ def scan(src: str | Path, workers: int | None = None, classes: list[str] | None 
     todo = [p for p, _ in samples if p not in verdicts]
     bar = tqdm(total=len(samples), initial=len(verdicts), desc="decode", unit="img", disable=not progress,
                smoothing=0.1)
-    with journal:
+    with journal, contextlib.ExitStack() as stack:
         if workers == 1 or len(todo) < 64:
             judged = map(_verdict, todo)
         else:
-            pool = journal.enter_context(ProcessPoolExecutor(workers))
+            pool = stack.enter_context(ProcessPoolExecutor(workers))
             judged = pool.map(_verdict, todo, chunksize=max(1, min(64, len(todo) // (workers * 8))))
         for path, verdict in zip(todo, judged):
             verdicts[path] = verdict[2]
             journal.add(path, verdict)
             bar.update()
-        journal.completed = True
     bar.close()
     result = ScanResult(str(src), class_names, resumed=len(samples) - len(todo))
     for path, label in samples:
@@ -90,18 +89,18 @@ def _verdict(path: str) -> Verdict:
     return st.st_size, st.st_mtime_ns, why_undecodable(path)
 
 
-class ScanJournal(contextlib.ExitStack):
+class ScanJournal:
     """One JSON line [path, size, mtime_ns, reason] per judged file, in the cache; written
-    every few seconds, so a kill loses at most those. An unwritable cache only costs the resume."""
+    every few seconds, so a kill loses at most those. An unwritable cache only costs the resume.
+    As a context: a block that ends normally (the scan completed) removes the journal; one
+    that raises writes what is pending."""
 
     FLUSH_S = 2.0
 
     def __init__(self, root: Path) -> None:
-        super().__init__()
         self.path = cache_dir("scans") / f"{cache_name(root.resolve())}.jsonl"
         self.pending: list[str] = []
         self.last_flush = time.monotonic()
-        self.completed = False
         self.writable = True
 
     def kept(self, paths: list[str]) -> dict[str, str | None]:
@@ -148,14 +147,14 @@ class ScanJournal(contextlib.ExitStack):
             sys.stderr.write(f"warning: cannot keep the scan's progress in {self.path} ({e.strerror}); "
                              "a scan killed partway starts over\n")
 
-    def __exit__(self, *exc: object) -> bool:
-        try:
-            return bool(super().__exit__(*exc))  # the pool first: its verdicts are all in
-        finally:
-            if self.completed:
-                self.path.unlink(missing_ok=True)
-            else:
-                self._flush()
+    def __enter__(self) -> "ScanJournal":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            self._flush()
 
 
 def fix_list_text(result: ScanResult) -> str:
