@@ -94,3 +94,15 @@ def unprivileged() -> list[str]:
     if shutil.which("setpriv") is None:
         pytest.skip("as root, a read-only folder needs setpriv to drop CAP_DAC_OVERRIDE")
     return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Callable[[object, str], list]:
+    """calls(module, "fn"): the first argument of each call of module.fn from now on, which
+    still runs; to see what a command did, or that it stopped before doing it."""
+    def record(module: object, name: str) -> list:
+        seen: list = []
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda first, *a, **k: seen.append(first) or real(first, *a, **k))
+        return seen
+    return record

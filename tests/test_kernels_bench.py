@@ -73,15 +73,13 @@ def test_a_case_that_raises_is_a_failed_row_not_the_end_of_the_table(tmp_path: P
 
 
 def test_bench_kernels_unwritable_json_is_refused_before_measuring(unwritable: Callable[[str], Path],
-                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   calls: Callable[[object, str], list],
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """It once measured every case, printed the table and only then failed to write."""
     import kernels.bench as bench_module
 
     path = unwritable("k.json")
-    measured: list[str] = []
-    bench_one = bench_module.bench_one
-    monkeypatch.setattr(bench_module, "bench_one", lambda impl, *a: measured.append(impl) or bench_one(impl, *a))
+    measured = calls(bench_module, "bench_one")
     assert main(["bench", "kernels", "--device", "cpu", "--impls", "torch", "--batch-sizes", "8", "--dim", "16",
                  "--views", "3", "--seconds", "0", "--json", str(path)]) == 2
     captured = capsys.readouterr()

@@ -239,15 +239,14 @@ def test_shards_cli_rejects_bad_options(bad_tree: Path, tmp_path: Path, capsys: 
 @pytest.mark.parametrize("command, option", [("validate", "--report"), ("validate", "--fix-list"),
                                              ("shards", "--out")])
 def test_an_unwritable_output_is_refused_before_the_scan(command: str, option: str, unwritable: Callable[[str], Path],
-                                                         bad_tree: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         bad_tree: Path, calls: Callable[[object, str], list],
+                                                         monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """Each once failed only after decoding the whole set (an hour on ImageNet): validate with
     a traceback-free line, shards in /proc with FFCV's writer traceback."""
     import pipeline.validate as validate_module
 
-    scanned: list[Path] = []
-    real_scan = validate_module.scan
-    monkeypatch.setattr(validate_module, "scan", lambda src, *a, **k: scanned.append(src) or real_scan(src, *a, **k))
+    scanned = calls(validate_module, "scan")
     monkeypatch.setattr("pipeline.shards.scan", validate_module.scan)
     path = unwritable("out.beton" if command == "shards" else "out.txt")
     code, _, err = _mveb(capsys, command, "--src", str(bad_tree), option, str(path), "--workers", "1")

@@ -100,16 +100,13 @@ def test_bench_loader_with_one_backend_failing_exits_0_with_a_one_line_note(
 
 
 def test_bench_loader_unwritable_json_is_refused_before_measuring(unwritable: Callable[[str], Path], photo_train: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  calls: Callable[[object, str], list],
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """It once timed every backend and only then failed to write the JSON."""
     import pipeline.bench as bench_module
 
     path = unwritable("bench.json")
-    timed: list[str] = []
-    bench_backend = bench_module.bench_backend
-    monkeypatch.setattr(bench_module, "bench_backend",
-                        lambda backend, *a, **k: timed.append(backend) or bench_backend(backend, *a, **k))
+    timed = calls(bench_module, "bench_backend")
     assert main(["bench", "loader", "--data", str(photo_train), "--backends", "torch", "--batch-size", "2",
                  "--workers", "1", "--seconds", "0.1", "--json", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ def _complete_lines(path: Path) -> int:
 
 
 def test_a_scan_killed_partway_resumes_where_it_stopped(photo_train: Path, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+                                                        calls: Callable[[object, str], list]) -> None:
     root = tmp_path / "train"
     shutil.copytree(photo_train, root)
     # A real process, really killed; only slowed down, so that the kill lands mid-scan.
@@ -44,9 +45,7 @@ def test_a_scan_killed_partway_resumes_where_it_stopped(photo_train: Path, tmp_p
     assert str(first) in journal.read_text()  # judged decodable before the kill; now broken
     first.write_bytes(b"not a jpeg any more")
 
-    decoded: list[str] = []
-    decode = validate_module.why_undecodable
-    monkeypatch.setattr(validate_module, "why_undecodable", lambda p: decoded.append(p) or decode(p))
+    decoded = calls(validate_module, "why_undecodable")
     result = scan(root, workers=1, progress=False)
     assert result.resumed == judged - 1
     assert len(decoded) == 288 - judged + 1 and str(first) in decoded

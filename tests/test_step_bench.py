@@ -250,7 +250,7 @@ def test_step_bench_loader_failing_in_its_workers_is_a_one_line_note(photo_train
 
 @pytest.mark.parametrize("option", ["--json", "--trace"])
 def test_step_bench_unwritable_json_or_trace_is_refused_before_measuring(
-        option: str, unwritable: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch,
+        option: str, unwritable: Callable[[str], Path], calls: Callable[[object, str], list],
         capsys: pytest.CaptureFixture[str]) -> None:
     """Either once failed only after the step was timed: --json after the first variant,
     --trace in every variant (a traceback, as the baseline's failure propagated)."""
@@ -258,10 +258,7 @@ def test_step_bench_unwritable_json_or_trace_is_refused_before_measuring(
     from mveb.cli import main
 
     path = unwritable("out")
-    timed: list[str] = []
-    run_variant = bench_module.run_variant
-    monkeypatch.setattr(bench_module, "run_variant",
-                        lambda name, *a, **k: timed.append(name) or run_variant(name, *a, **k))
+    timed = calls(bench_module, "run_variant")
     assert main(["bench", "step", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--no-official",
                  option, str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -299,15 +296,13 @@ def test_bench_all_with_a_missing_data_folder_is_one_line_before_any_part(tmp_pa
 
 
 def test_bench_all_unwritable_out_is_one_line_before_any_part(unwritable: Callable[[str], Path],
-                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              calls: Callable[[object, str], list],
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     import mveb.bench_all as bench_module
     from mveb.cli import main
 
     out = unwritable("bench")
-    ran: list[str] = []
-    part = bench_module._part
-    monkeypatch.setattr(bench_module, "_part", lambda name, *a: ran.append(name) or part(name, *a))
+    ran = calls(bench_module, "_part")
     assert main(["bench", "all", "--device", "cpu", "--out", str(out), "--parts", "kernels"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"mveb bench: error: --out {out}"), err
