@@ -14,6 +14,11 @@ from mveb.errors import UsageError
 # Seconds between SLURM's warning signal and the kill at the time limit: enough for the
 # trainer to finish its step and write a checkpoint of a ResNet-50 with optimizer state.
 SIGNAL_DELAY_S = 120
+# A shorter limit gets that signal at SLURM's first check instead, and again after each requeue
+# (measured on the local cluster: 22-30 s into each start of a 2-minute job), so a start slower than
+# that never reaches a step and is requeued up to MAX_TIMEOUT_REQUEUES times. Five minutes leave
+# three for start-up and training.
+MIN_TIME_MIN = SIGNAL_DELAY_S // 60 + 3
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,11 @@ def resources(nodes: int, gpus_per_node: int, tasks_per_node: int | None, **rest
     tasks = gpus_per_node or (tasks_per_node if tasks_per_node is not None else 1)
     if tasks < 1:
         raise UsageError(f"--tasks-per-node must be at least 1, got {tasks}")
+    time_min = rest.get("time_min")
+    if isinstance(time_min, int) and time_min < MIN_TIME_MIN:
+        raise UsageError(f"--time of {time_min} min is too short: SLURM's warning signal comes {SIGNAL_DELAY_S} s "
+                         f"before the limit, so the job would be requeued before it did any work; ask for at least "
+                         f"{MIN_TIME_MIN} minutes")
     cpus = rest.get("cpus_per_task")
     if isinstance(cpus, int) and cpus < 1:
         raise UsageError(f"--cpus-per-task must be at least 1, got {cpus}")

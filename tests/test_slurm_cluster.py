@@ -1,10 +1,10 @@
 """slurm/launch.py on the real local cluster (slurm/cluster/up.sh): the demo config trained by
 2 nodes x 2 CPU tasks over gloo, a run that a signal requeues and that resumes from its
 checkpoint (and that a plain scancel then stops for good), a validate job that a signal requeues
-mid-scan and that resumes its scan, a shard build as a CPU job, and the DDP step benchmark over
-2 nodes.
+mid-scan and that resumes its scan, a shard build as a CPU job, the DDP step benchmark over
+2 nodes, and a run that its real time limit requeues.
 
-The three jobs are submitted together (the cluster runs them side by side) and each test
+The jobs are submitted together (the cluster runs them side by side) and each test
 waits for its own: most of a job's time here is Python start-up, which overlaps well.
 """
 
@@ -31,11 +31,12 @@ pytestmark = pytest.mark.slurm
 TINY = ["data.batch_size=4", "data.workers=0", "data.n_local=0", "run.progress=false", "run.tensorboard=false"]
 REQUEUE_STEPS = 200  # never reached: the test stops the run
 TIMEOUT_S = 240
+TIME_LIMIT_MIN = 5  # the shortest launch.py accepts: SLURM's warning signal comes after about 3 minutes
 
 
-def _launch(run: Path, photo_train: Path, nodes: int, tasks: int, steps: int) -> str:
+def _launch(run: Path, photo_train: Path, nodes: int, tasks: int, steps: int, time_min: int = 10) -> str:
     assert main(["--nodes", str(nodes), "--gpus-per-node", "0", "--tasks-per-node", str(tasks), "--cpus-per-task", "1",
-                 "--time", "10", "--config", "demo", "--data", str(photo_train), "--out", str(run),
+                 "--time", str(time_min), "--config", "demo", "--data", str(photo_train), "--out", str(run),
                  f"schedule.steps={steps}", *TINY]) == 0
     return json.loads((run / "launch.json").read_text())["job_id"]
 
@@ -46,7 +47,10 @@ def jobs(tmp_path_factory: pytest.TempPathFactory, photo_train: Path) -> Iterato
     root = tmp_path_factory.mktemp("slurm")
     submitted = {"train": (root / "train", _launch(root / "train", photo_train, nodes=2, tasks=2, steps=2)),
                  "requeue": (root / "requeue", _launch(root / "requeue", photo_train, nodes=2, tasks=1,
-                                                       steps=REQUEUE_STEPS))}
+                                                       steps=REQUEUE_STEPS)),
+                 # Far more steps than fit before its time limit, so that only the limit stops it.
+                 "time_limit": (root / "time_limit", _launch(root / "time_limit", photo_train, nodes=1, tasks=1,
+                                                             steps=100 * REQUEUE_STEPS, time_min=TIME_LIMIT_MIN))}
     beton = root / "shards" / "train.beton"
     assert main(["shards", "--src", str(photo_train), "--out", str(beton), "--limit", "12", "--cpus-per-task", "1",
                  "--time", "10"]) == 0
@@ -92,12 +96,12 @@ def _in_queue(job_id: str) -> bool:
     return bool(out.stdout.strip())
 
 
-def _wait(what: str, ready: Callable[[], bool], folder: Path, job_id: str) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
+def _wait(what: str, ready: Callable[[], bool], folder: Path, job_id: str, timeout_s: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
     while not ready():
         if time.monotonic() > deadline:
             logs = "\n".join(p.read_text()[-2000:] for p in sorted(folder.glob(f"{job_id}_*_log.err")))
-            pytest.fail(f"job {job_id}: {what} not seen within {TIMEOUT_S} s; logs:\n{logs}")
+            pytest.fail(f"job {job_id}: {what} not seen within {timeout_s:.0f} s; logs:\n{logs}")
         time.sleep(0.5)
 
 
@@ -225,3 +229,25 @@ def test_refused_submission_is_one_line(tmp_path: Path, photo_train: Path, capsy
     assert err.splitlines() == ["python slurm/launch.py: error: sbatch refused the job: "
                                 "Batch job submission failed: Invalid partition name specified"]
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_the_time_limit_requeues_and_resumes(jobs: dict[str, tuple[Path, str]]) -> None:
+    """SLURM's own warning before the time limit (`--signal=USR2@120`), with no signal from the
+    test: the job checkpoints, submitit counts a timeout (of the 100 allowed) and requeues it, and
+    the run resumes where it stopped. Last in this file: it waits out most of the limit."""
+    folder, job_id = jobs["time_limit"]
+    run = folder.parent
+    log = folder / f"{job_id}_0_log.err"
+    _wait("the job resuming after its time limit", lambda: log.exists() and "resuming from" in log.read_text(),
+          folder, job_id, timeout_s=TIME_LIMIT_MIN * 60 + TIMEOUT_S)
+    text = log.read_text()
+    assert "Caught signal SIGUSR2" in text and "this job is timed-out" in text
+    stop_step = int(re.search(r"checkpoint saved at step (\d+); requeueing", text)[1])
+    assert stop_step >= 1 and int(re.search(r"resuming from \S+ \(step (\d+)\)", text)[1]) == stop_step
+    _wait("a step after the resume", lambda: len(_metrics(run)) > stop_step, folder, job_id)
+    subprocess.run(["scancel", job_id], check=True)
+    (result,) = _results(folder, job_id, tasks=1)
+    assert stop_step < result["step"] < 100 * REQUEUE_STEPS
+    assert (folder / f"{job_id}_0_log.out").read_text().count("Starting with JobEnvironment") == 2
+    assert [m["step"] for m in _metrics(run)] == list(range(1, result["step"] + 1))

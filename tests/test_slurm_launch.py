@@ -127,6 +127,11 @@ def test_bench_needs_two_tasks(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "the DDP cost needs 2 tasks or more" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_shortest_time_limit_is_accepted(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--time", "4:01", "--dry-run"]) == 0  # 4 min 1 s, rounded up
+    assert "#SBATCH --time=5\n" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("text, minutes", [("72:00:00", 4320), ("90", 90), ("1-12", 2160), ("0:30", 1),
                                            ("1:30:01", 91), ("2-00:30:00", 2910)])
 def test_parse_time(text: str, minutes: int) -> None:
@@ -147,6 +152,9 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     (["--nodes", "4", "--batch-size", "1000"], "not divisible by the world size 32"),
     (["--gpus-per-node", "8", "--tasks-per-node", "2"], "one task runs per GPU"),
     (["--time", "soon"], "--time 'soon'"),
+    # SLURM signalled such a job during its start-up, and it was requeued with no progress, again and again.
+    (["--time", "2"], "--time of 2 min is too short: SLURM's warning signal comes 120 s before the limit"),
+    (["--time", "4"], "ask for at least 5 minutes"),
     (["--config", "nope"], "unknown config preset"),
     (["--nodes", "2", "--local", "--gpus-per-node", "0", "--data", "."], "--local runs on this machine only"),
 ])
@@ -215,6 +223,9 @@ def test_dry_run_with_data_checks_the_run_folder_can_be_written(capsys: pytest.C
     (["validate", "--report", "/proc/mveb-test/r.json"], "--report /proc/mveb-test/r.json: cannot write in /proc"),
     (["validate", "--fix-list", "/proc/mveb-test/f.txt"], "--fix-list /proc/mveb-test/f.txt: cannot write in /proc"),
     (["bench", "--out", "/proc/mveb-test/b"], "--out /proc/mveb-test/b: cannot write in /proc"),
+    (["shards", "--time", "3"], "--time of 3 min is too short"),
+    (["validate", "--time", "1"], "--time of 1 min is too short"),
+    (["bench", "--time", "00:02:00"], "--time of 2 min is too short"),
 ])
 def test_job_options_are_checked_before_submitting(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch, argv: list[str], expect: str,
