@@ -232,10 +232,11 @@ def test_refused_submission_is_one_line(tmp_path: Path, photo_train: Path, capsy
 
 
 @pytest.mark.slow
-def test_the_time_limit_requeues_and_resumes(jobs: dict[str, tuple[Path, str]]) -> None:
+def test_the_time_limit_and_scontrol_requeue_both_resume(jobs: dict[str, tuple[Path, str]]) -> None:
     """SLURM's own warning before the time limit (`--signal=USR2@120`), with no signal from the
     test: the job checkpoints, submitit counts a timeout (of the 100 allowed) and requeues it, and
-    the run resumes where it stopped. Last in this file: it waits out most of the limit."""
+    the run resumes where it stopped; then SLURM's own requeue, which it resumes from as well.
+    Last in this file: it waits out most of the limit."""
     folder, job_id = jobs["time_limit"]
     run = folder.parent
     log = folder / f"{job_id}_0_log.err"
@@ -246,8 +247,18 @@ def test_the_time_limit_requeues_and_resumes(jobs: dict[str, tuple[Path, str]]) 
     stop_step = int(re.search(r"checkpoint saved at step (\d+); requeueing", text)[1])
     assert stop_step >= 1 and int(re.search(r"resuming from \S+ \(step (\d+)\)", text)[1]) == stop_step
     _wait("a step after the resume", lambda: len(_metrics(run)) > stop_step, folder, job_id)
+
+    # SLURM's own requeue (a node failure, PreemptMode=REQUEUE, an admin): SIGTERM, then the job
+    # runs again; the trainer saves and leaves the requeue to SLURM.
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    _wait("the job resuming after scontrol requeue", lambda: log.read_text().count("resuming from") == 2,
+          folder, job_id)
+    term_step = int(re.findall(r"stopped at step (\d+) on a signal", log.read_text())[-1])
+    assert term_step > stop_step
+    assert int(re.findall(r"resuming from \S+ \(step (\d+)\)", log.read_text())[-1]) == term_step
+    _wait("a step after the second resume", lambda: len(_metrics(run)) > term_step, folder, job_id)
     subprocess.run(["scancel", job_id], check=True)
     (result,) = _results(folder, job_id, tasks=1)
-    assert stop_step < result["step"] < 100 * REQUEUE_STEPS
-    assert (folder / f"{job_id}_0_log.out").read_text().count("Starting with JobEnvironment") == 2
+    assert term_step < result["step"] < 100 * REQUEUE_STEPS
+    assert (folder / f"{job_id}_0_log.out").read_text().count("Starting with JobEnvironment") == 3
     assert [m["step"] for m in _metrics(run)] == list(range(1, result["step"] + 1))
