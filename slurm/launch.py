@@ -269,6 +269,17 @@ def _job_workers(a: argparse.Namespace, res: Resources) -> int:
     return decoding_processes(a.workers if a.workers is not None else res.cpus_per_task)
 
 
+def _dry_run_prints(a: argparse.Namespace, res: Resources, folder: Path, src: Path) -> bool:
+    """A CPU job's dry run prints its script (True); a submission checks its --src first."""
+    if a.dry_run:
+        print(sbatch_script(res, folder))
+        return True
+    if not src.is_dir():
+        raise UsageError(f"--src {src} is not a folder; pass an ImageFolder root (one subfolder per class)")
+    _check_submit(a, res)
+    return False
+
+
 def launch_shards(a: argparse.Namespace) -> int:
     from pipeline.shards import check_shard_options
     from slurm.job import CpuJob, shard_job
@@ -281,12 +292,8 @@ def launch_shards(a: argparse.Namespace) -> int:
     folder = out.parent / f"{out.name}.submitit"
     _print_plan(res, None)
     print(f"shard: {src} -> {out}")
-    if a.dry_run:
-        print(sbatch_script(res, folder))
+    if _dry_run_prints(a, res, folder, src):
         return 0
-    if not src.is_dir():
-        raise UsageError(f"--src {src} is not a folder; pass an ImageFolder root (one subfolder per class)")
-    _check_submit(a, res)
     job = _submit(a, res, folder, CpuJob(shard_job, str(src), str(out), max_res=a.max_res, quality=a.quality,
                                          workers=workers, limit=a.limit, classes=a.classes, timeout_s=a.timeout,
                                          progress=False))
@@ -316,12 +323,8 @@ def launch_validate(a: argparse.Namespace) -> int:
     check_writable(fix_list, "--fix-list")
     _print_plan(res, None)
     print(f"validate: {src} -> {report}")
-    if a.dry_run:
-        print(sbatch_script(res, folder))
+    if _dry_run_prints(a, res, folder, src):
         return 0
-    if not src.is_dir():
-        raise UsageError(f"--src {src} is not a folder; pass an ImageFolder root (one subfolder per class)")
-    _check_submit(a, res)
     job = _submit(a, res, folder, CpuJob(validate_job, str(src), chosen, fix_list, workers))
     print(f"report (when done): {report}")
     return _wait_local(job) if a.local else 0
