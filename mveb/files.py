@@ -12,10 +12,21 @@ from typing import Iterator
 from mveb.errors import UsageError
 
 
+def output_target(path: str | Path) -> Path:
+    """Where a write to `path` must land: a symlink's target (renaming onto the link would
+    replace the link, and leave its target stale), never a device or a pipe (renaming onto
+    /dev/null as root replaces the machine's /dev/null with a file)."""
+    path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise UsageError(f"{path} is not a regular file (a device, a pipe or a socket); give a file name")
+    return path
+
+
 @contextlib.contextmanager
 def written_atomically(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary name beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
+    """Yield a temporary name beside `path` (a symlink's target); rename it onto that only if
+    the block succeeds."""
+    path = output_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
     try:
@@ -51,6 +62,11 @@ def check_writable(path: str | Path | None, option: str, folder: bool = False) -
     try:  # stat too can fail (a folder above that may not be searched)
         if not folder and path.is_dir():
             raise UsageError(f"{option} {path} is a folder; give a file name")
+        if not folder:
+            try:
+                path = base = output_target(path)
+            except UsageError as e:
+                raise UsageError(f"{option} {e}") from None
         base = next(p for p in (path if folder else path.parent, *path.parents) if p.exists())
         if not base.is_dir():
             raise UsageError(f"{option} {path}: {base} is not a folder")

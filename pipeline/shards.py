@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from mveb.errors import UsageError
-from mveb.files import check_writable, write_atomic
+from mveb.files import check_writable, output_target, write_atomic
 
 from .images import Sample, decoding_processes, read_class_file, to_rgb8
 from .recipe import SHARD_MAX_RES
@@ -206,6 +206,7 @@ def build_shard(src: str | Path, out: str | Path, max_res: int = SHARD_MAX_RES, 
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file name such as {out / 'train.beton'}")
     check_writable(out, "--out")  # FFCV's writer would fail only after the scan, with a traceback
+    out = output_target(out)  # written through a symlink, not over it
     out.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(classes, (str, Path)):
         classes = read_class_file(classes)

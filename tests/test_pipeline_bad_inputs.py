@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -255,6 +256,37 @@ def test_an_unwritable_output_is_refused_before_the_scan(command: str, option: s
         f"{path.parent} is not a folder" if path.parent.is_file() else
         f"cannot write in {path.parent.parent} (No such file or directory)"), err
     assert scanned == []
+
+
+@pytest.mark.parametrize("command, option", [("validate", "--report"), ("validate", "--fix-list"),
+                                             ("shards", "--out")])
+def test_an_output_that_is_a_device_is_refused_and_left_alone(command: str, option: str, bad_tree: Path,
+                                                              tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--out /dev/null` once renamed a file onto the device: as root, the machine's /dev/null
+    became a 25 MB regular file. A node of the same device under tmp_path stands in for it."""
+    device = tmp_path / "null"
+    os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    code, _, err = _mveb(capsys, command, "--src", str(bad_tree), option, str(device), "--workers", "1")
+    assert code == 2, err
+    assert err.strip() == f"mveb {command}: error: {option} {device} is not a regular file (a device, a pipe or " \
+                          "a socket); give a file name", err
+    assert stat.S_ISCHR(device.lstat().st_mode) and sorted(tmp_path.iterdir()) == [device]
+
+
+def test_an_output_through_a_symlink_is_written_to_its_target(photo_train: Path, tmp_path: Path) -> None:
+    """A shard (and its report) once replaced the symlink with a new file, leaving the target
+    it pointed to (on the shared scratch filesystem) stale."""
+    target = tmp_path / "scratch" / "train.beton"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    link = tmp_path / "home" / "train.beton"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    build_shard(photo_train, link, max_res=64, workers=1, limit=4, progress=False)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    check_beton(target)
+    assert json.loads(Path(f"{target}.report.json").read_text())["written"] == 4
+    assert sorted(p.name for p in link.parent.iterdir()) == ["train.beton"]
 
 
 def test_loader_rejects_broken_shards(shard: tuple[Path, dict], tmp_path: Path) -> None:
