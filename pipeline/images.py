@@ -8,7 +8,9 @@ reference loader all call `open_rgb`.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -43,12 +45,17 @@ def is_image_name(name: str) -> bool:
 
 def find_classes(root: str | Path, classes: list[str] | None = None) -> list[str]:
     """Class folder names of an ImageFolder root, sorted (or as given), with clear errors."""
+    if not str(root):  # Path("") is ".": an unset "$DATA" would scan the working folder
+        raise UsageError("the data path is empty; pass an ImageFolder root (one subfolder per class)")
     root = Path(root)
     if not root.exists():
         raise UsageError(f"{root} does not exist; pass an ImageFolder root (one subfolder per class)")
     if not root.is_dir():
         raise UsageError(f"{root} is not a folder; pass an ImageFolder root (one subfolder per class)")
-    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    try:
+        found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    except OSError as e:
+        raise UsageError(f"cannot read {root} ({e.strerror})") from None
     if classes is None:
         if not found:
             loose = any(is_image_name(e.name) for e in os.scandir(root) if e.is_file())
@@ -81,13 +88,11 @@ def list_image_folder(root: str | Path, classes: list[str] | None = None) -> tup
     Raises UsageError for a missing path, a file, a folder without class subfolders, or a
     tree with no image files at all.
     """
-    root = Path(root)
     classes = find_classes(root, classes)
+    root = Path(root)
     samples: list[Sample] = []
-    for label, cls in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
-            dirnames.sort()
-            samples += [(os.path.join(dirpath, f), label) for f in sorted(filenames) if is_image_name(f)]
+    for label, cls, dirpath, filenames in _class_walk(root, classes):
+        samples += [(os.path.join(dirpath, f), label) for f in sorted(filenames) if is_image_name(f)]
     if not samples:
         check_image_folder(root)
     return classes, samples
@@ -95,12 +100,49 @@ def list_image_folder(root: str | Path, classes: list[str] | None = None) -> tup
 
 def check_image_folder(root: str | Path) -> None:
     """Cheap up-front check (stops at the first image): raises UsageError like list_image_folder."""
-    root = Path(root)
-    for cls in find_classes(root):
-        for _, _, filenames in os.walk(root / cls, followlinks=True):
-            if any(is_image_name(f) for f in filenames):
-                return
+    classes = find_classes(root)
+    for _, _, _, filenames in _class_walk(Path(root), classes):
+        if any(is_image_name(f) for f in filenames):
+            return
     raise UsageError(f"{root} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)}, any case)")
+
+
+def _class_walk(root: Path, classes: list[str]) -> Iterator[tuple[int, str, str, list[str]]]:
+    """(label, class, folder, file names) of every folder under each class, sorted.
+
+    Links to folders are followed (class folders linked from other storage are common), but
+    each real folder is read once, and a link back into the tree (`ln -s .. up`: a loop that
+    never ends, or another class's images under this label) is skipped with one warning. An
+    unreadable folder is an error: its images would silently be missing from training."""
+    root_real = os.path.realpath(root)
+    class_reals = {cls: os.path.realpath(root / cls) for cls in classes}
+    seen = set(class_reals.values())
+    skipped = 0
+
+    def unreadable(e: OSError) -> None:
+        raise UsageError(f"cannot read {e.filename} ({e.strerror}); its images would be left out")
+
+    for label, cls in enumerate(classes):
+        own = class_reals[cls]
+        for dirpath, dirnames, filenames in os.walk(root / cls, onerror=unreadable, followlinks=True):
+            keep = []
+            for d in sorted(dirnames):
+                real = os.path.realpath(os.path.join(dirpath, d))
+                elsewhere_in_tree = _within(real, root_real) and not _within(real, own)
+                if real in seen or elsewhere_in_tree or _within(own, real):
+                    skipped += 1
+                    continue
+                seen.add(real)
+                keep.append(d)
+            dirnames[:] = keep
+            yield label, cls, dirpath, filenames
+    if skipped:
+        sys.stderr.write(f"warning: {root}: skipped {skipped} folder link(s) to a folder already read "
+                         "(a loop, or another class's folder)\n")
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def read_class_file(path: str | Path) -> list[str]:

@@ -118,8 +118,8 @@ class ScanJournal:
             journaled[path] = (size, mtime, reason)
         kept = {}
         for path in paths:
-            if path in journaled:
-                size, mtime, reason = journaled[path]
+            if (key := os.path.abspath(path)) in journaled:
+                size, mtime, reason = journaled[key]
                 try:
                     st = os.stat(path)
                 except OSError:
@@ -129,7 +129,8 @@ class ScanJournal:
         return kept
 
     def add(self, path: str, verdict: Verdict) -> None:
-        self.pending.append(json.dumps([path, *verdict]) + "\n")
+        # Absolute: a rerun may spell the same folder otherwise (./train, $PWD/train).
+        self.pending.append(json.dumps([os.path.abspath(path), *verdict]) + "\n")
         if time.monotonic() - self.last_flush > self.FLUSH_S:
             self._flush()
 

@@ -225,6 +225,65 @@ def test_bad_source_folders_exit_2(kind: str, tmp_path: Path, photo_train: Path,
         build_loader("torch", src, MultiCropRecipe().with_views(1, 32, 0, 32), 2)
 
 
+def _listing(root: Path, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+    """list_image_folder(root) in a process of its own, so a walk that never ends fails the test."""
+    code = f"from pipeline.images import list_image_folder as f; c, s = f({str(root)!r}); print(c, s)"
+    return subprocess.run([*(prefix or []), sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_folder_links_into_the_tree_are_read_once(photo_train: Path, tmp_path: Path) -> None:
+    """`ln -s .. up` once put every class under this label, again and again (246 samples of 6
+    files), and two `ln -s . x` made the walk never end."""
+    root = tmp_path / "src"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            shutil.copy(photo_train / "astronaut" / f"astronaut_{i:04d}.jpg", root / cls / f"{i}.jpg")
+    (root / "a" / "up").symlink_to("..")
+    (root / "a" / "self").symlink_to(".")
+    (root / "a" / "again").symlink_to(".")
+    (root / "a" / "b").symlink_to("../b")
+    outside = tmp_path / "elsewhere"  # a linked folder outside the tree is read, once
+    outside.mkdir()
+    shutil.copy(root / "a" / "0.jpg", outside / "x.jpg")
+    (root / "b" / "more").symlink_to(outside)
+    (root / "b" / "more_again").symlink_to(outside)
+    r = _listing(root)
+    assert r.returncode == 0, r.stderr
+    expected = [(str(root / "a" / f"{i}.jpg"), 0) for i in range(3)] + \
+               [(str(root / "b" / "more" / "x.jpg"), 1)] + [(str(root / "b" / f"{i}.jpg"), 1) for i in range(3)]
+    assert r.stdout.strip() == f"['a', 'b'] {sorted(expected, key=lambda s: (s[1], s[0]))}"
+    assert r.stderr.strip() == f"warning: {root}: skipped 5 folder link(s) to a folder already read (a loop, or " \
+                               "another class's folder)"
+
+
+def test_an_unreadable_class_folder_is_an_error_not_an_empty_class(photo_train: Path, tmp_path: Path,
+                                                                    unprivileged: list[str]) -> None:
+    """It once became a class with no images, and validate said all was well."""
+    root = tmp_path / "src"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        shutil.copy(sorted(photo_train.rglob("*.jpg"))[0], root / cls / "0.jpg")
+    (root / "b").chmod(0)
+    try:
+        r = _listing(root, unprivileged)
+    finally:
+        (root / "b").chmod(0o755)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == \
+        f"mveb.errors.UsageError: cannot read {root / 'b'} (Permission denied); its images would be left out", r.stderr
+
+
+def test_an_empty_data_path_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """`--src "$DATA"` with DATA unset once scanned the working folder and wrote a report above it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cls").mkdir()
+    code, _, err = _mveb(capsys, "validate", "--src", "")
+    assert code == 2 and err.strip() == "mveb validate: error: the data path is empty; pass an ImageFolder root " \
+                                        "(one subfolder per class)", err
+    assert sorted(tmp_path.parent.glob("*.validate.json")) == []
+
+
 def test_shards_cli_rejects_bad_options(bad_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "dup.txt").write_text("a\na\n")
     for extra, says in ((["--quality", "0"], "--quality"), (["--max-res", "2"], "--max-res"), (["--limit", "0"], "--limit"),
