@@ -87,7 +87,9 @@ def test_decodes_awkward_files_like_pil(photo_train: Path, tmp_path: Path) -> No
     exif[0x0112] = 6  # stored sideways, "rotate 90 degrees clockwise to view"
     files = {"cmyk.jpg": (rgb.convert("CMYK"), {}), "gray.jpg": (rgb.convert("L"), {}),
              "png_named.jpg": (rgb, {"format": "PNG"}), "rotated.jpg": (rgb, {"exif": exif}),
-             "deep.png": (Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)), {})}
+             "deep.png": (Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)), {}),
+             # Other formats DALI reads, under a .jpg name as scraped data has them
+             **{f"{fmt}.jpg": (rgb, {"format": fmt}) for fmt in ("BMP", "TIFF", "PPM", "WEBP", "JPEG2000")}}
     for name, (img, kwargs) in files.items():
         img.save(tmp_path / name, quality=95, **kwargs)
     samples = [(str(tmp_path / name), i) for i, name in enumerate(files)]
@@ -287,9 +289,18 @@ def test_broken_files_are_left_out_and_reported(photo_train: Path, tmp_path: Pat
     good[0].write_bytes(good[0].read_bytes()[:300])  # truncated JPEG
     (root / good[1].parent.name / "empty.jpg").write_bytes(b"")
     (root / good[1].parent.name / "text.JPEG").write_text("not an image")
+    # PIL decodes these, DALI stops the run on them (it once passed the scan, then
+    # DALI's first batch said "run `mveb validate` again", which found nothing)
+    photo = Image.open(good[2]).convert("RGB")
+    photo.save(root / good[1].parent.name / "gif.jpg", format="GIF")
+    photo.save(root / good[1].parent.name / "targa.jpg", format="TGA")
+    photo.convert("1").save(root / good[1].parent.name / "bilevel.jpg", format="TIFF")
     loader = DALIMultiCropLoader(root, TINY, 8)
-    assert sorted(Path(p).name for p, _ in loader.skipped) == sorted([good[0].name, "empty.jpg", "text.JPEG"])
-    assert "3 file(s) cannot be decoded" in capsys.readouterr().err
+    left_out = ["empty.jpg", "text.JPEG", "gif.jpg", "targa.jpg", "bilevel.jpg"]
+    assert sorted(Path(p).name for p, _ in loader.skipped) == sorted([good[0].name] + left_out)
+    assert "6 file(s) cannot be decoded" in capsys.readouterr().err
+    reasons = {Path(p).name: why for p, why in loader.skipped}
+    assert "GIF" in reasons["gif.jpg"] and "1-bit TIFF" in reasons["bilevel.jpg"], reasons
     assert len(_epoch(loader)) == len(loader) == (len(good) - 1) // 8
 
 
