@@ -7,12 +7,17 @@ its `good` list.
 
 from __future__ import annotations
 
-import contextlib
 import json
+import multiprocessing
 import os
+import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import Connection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,13 +61,9 @@ def scan(src: str | Path, workers: int | None = None, classes: list[str] | None 
     todo = [p for p, _ in samples if p not in verdicts]
     bar = tqdm(total=len(samples), initial=len(verdicts), desc="decode", unit="img", disable=not progress,
                smoothing=0.1)
-    with journal, contextlib.ExitStack() as stack:
-        if workers == 1 or len(todo) < 64:
-            judged = map(_verdict, todo)
-        else:
-            pool = stack.enter_context(ProcessPoolExecutor(workers))
-            judged = pool.map(_verdict, todo, chunksize=max(1, min(64, len(todo) // (workers * 8))))
-        for path, verdict in zip(todo, judged):
+    with journal:
+        judged = zip(todo, map(_verdict, todo)) if workers == 1 or len(todo) < 64 else _judge_in_pool(todo, workers)
+        for path, verdict in judged:
             verdicts[path] = verdict[2]
             journal.add(path, verdict)
             bar.update()
@@ -79,6 +80,75 @@ def scan(src: str | Path, workers: int | None = None, classes: list[str] | None 
 
 
 Verdict = tuple[int, int, str | None]  # (size, mtime_ns, why undecodable or None)
+
+
+def _judge_in_pool(todo: list[str], workers: int) -> Iterator[tuple[str, Verdict]]:
+    """(path, verdict) of every file, in the order judged, decoded by `workers` processes.
+
+    A few chunks per process are queued at a time, so an interrupt leaves the rest of
+    ImageNet undecoded. A decoding process that dies (the kernel's OOM killer on a huge
+    image, a crash in a decoder) breaks the pool: the files it may have held are then judged
+    one process each, so the file that kills its process is found and reported broken, and
+    the scan goes on with a new pool."""
+    size = max(1, min(64, len(todo) // (workers * 8)))
+    chunks = deque(todo[i:i + size] for i in range(0, len(todo), size))
+    while chunks:
+        suspects: list[str] = []
+        pool = ProcessPoolExecutor(workers)
+        try:
+            running: dict[Future, list[str]] = {}
+            while (chunks or running) and not suspects:
+                while chunks and len(running) < 2 * workers:
+                    chunk = chunks.popleft()
+                    running[pool.submit(_verdicts, chunk)] = chunk
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                if any(isinstance(f.exception(), BrokenProcessPool) for f in done):
+                    suspects = [p for f, chunk in running.items() if not _judged(f) for p in chunk]
+                    done = {f for f in running if _judged(f)}
+                for f in done:
+                    yield from zip(running.pop(f), f.result())
+        finally:
+            pool.shutdown(cancel_futures=True)
+        if suspects:
+            sys.stderr.write(f"warning: a decoding process died; judging the {len(suspects)} file(s) it may "
+                             "have held one process each\n")
+        for path in suspects:
+            yield path, _verdict_alone(path)
+
+
+def _judged(f: Future) -> bool:
+    return f.done() and f.exception() is None
+
+
+def _verdicts(paths: list[str]) -> list[Verdict]:
+    return [_verdict(p) for p in paths]
+
+
+def _verdict_alone(path: str) -> Verdict:
+    """A file judged in a process of its own: one whose decode kills the process is broken."""
+    ctx = multiprocessing.get_context()
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_send_verdict, args=(path, send), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        verdict = receive.recv()
+    except EOFError:  # it died before sending
+        verdict = None
+    proc.join()
+    if verdict is not None:
+        return verdict
+    code = proc.exitcode or 0
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1, f"decoding it killed the process ({how})"
+    return st.st_size, st.st_mtime_ns, f"decoding it killed the process ({how}; out of memory?)"
+
+
+def _send_verdict(path: str, send: Connection) -> None:
+    send.send(_verdict(path))
 
 
 def _verdict(path: str) -> Verdict:

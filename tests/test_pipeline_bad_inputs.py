@@ -108,6 +108,37 @@ def test_scan_sorts_decodable_from_broken(bad_tree: Path) -> None:
         assert word in reasons[name], reasons[name]
 
 
+@pytest.mark.parametrize("kills", ["every time", "once"])
+def test_a_file_that_kills_its_decoding_process_is_found_and_reported(kills: str, photo_train: Path,
+                                                                     tmp_path: Path) -> None:
+    """A 900 Mpx PNG got a decoding process killed by the kernel's OOM killer: the scan died
+    with a BrokenProcessPool traceback naming no file. The kill is real (SIGKILL from inside
+    the decode of one file); a process killed once, for no fault of a file, costs nothing."""
+    root = tmp_path / "train"
+    shutil.copytree(photo_train, root)
+    killer = sorted(root.rglob("*.jpg"))[100]
+    marker = tmp_path / "killed-once"
+    code = ("import json, os, signal, pipeline.validate as v\n"
+            "decode = v.why_undecodable\n"
+            "def dying(p):\n"
+            f"    if p == {str(killer)!r} and ({kills == 'every time'} or not os.path.exists({str(marker)!r})):\n"
+            f"        open({str(marker)!r}, 'w').close()\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return decode(p)\n"
+            "v.why_undecodable = dying\n"
+            f"r = v.scan({str(root)!r}, workers=2, progress=False)\n"
+            "print(json.dumps([len(r.good), r.bad]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    good, bad = json.loads(proc.stdout)
+    assert "a decoding process died" in proc.stderr
+    if kills == "once":
+        assert (good, bad) == (288, [])
+    else:
+        assert good == 287 and [p for p, _ in bad] == [str(killer)], bad
+        assert "killed the process (killed by SIGKILL; out of memory?)" in bad[0][1]
+
+
 def test_validate_cli_writes_report_and_fix_list(bad_tree: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     report, fix = tmp_path / "r.json", tmp_path / "sub" / "good.txt"
