@@ -12,6 +12,12 @@ from typing import Iterator
 from mveb.errors import UsageError
 
 
+def shown(path: str | Path) -> str:
+    """A path as one printable line: a name's line break or non-UTF-8 byte (a surrogate) is
+    escaped, as printing it would break the line or, on stdout, raise."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(path))
+
+
 def output_target(path: str | Path) -> Path:
     """Where a write to `path` must land: a symlink's target (renaming onto the link would
     replace the link, and leave its target stale), never a device or a pipe (renaming onto

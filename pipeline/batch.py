@@ -13,6 +13,7 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from mveb.errors import UsageError
+from mveb.files import shown
 
 from .recipe import MultiCropRecipe
 
@@ -68,7 +69,7 @@ def check_loader_args(batch_size: int, rank: int, world_size: int) -> None:
 
 
 def nothing_decodable(n: int, first: str) -> UsageError:
-    return UsageError(f"none of the {n} images can be decoded (the first is {first}); run `mveb validate` on the set")
+    return UsageError(f"none of the {n} images can be decoded (the first is {shown(first)}); run `mveb validate` on the set")
 
 
 class MultiCropLoader(Protocol):

@@ -32,7 +32,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from mveb.errors import UsageError
-from mveb.files import write_atomic
+from mveb.files import shown, write_atomic
 
 from .batch import MultiCropBatch, check_loader_args, nothing_decodable
 from .cache import build_lock
@@ -152,7 +152,7 @@ class DALIMultiCropLoader:
         if self.skipped:
             path, reason = self.skipped[0]
             sys.stderr.write(f"warning: {len(self.skipped)} file(s) cannot be decoded and are left out "
-                             f"(first: {path}: {reason}); `mveb validate` lists them all\n")
+                             f"(first: {shown(path)}: {reason}); `mveb validate` lists them all\n")
         self._shard = _shard_size(len(self.samples), rank, world_size)
         self.epoch, self.batches_done = 0, 0
         if not self.samples:

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from mveb.errors import UsageError
-from mveb.files import check_writable, output_target, write_atomic
+from mveb.files import check_writable, output_target, shown, write_atomic
 
 from .images import Sample, decoding_processes, read_class_file, to_rgb8
 from .recipe import SHARD_MAX_RES
@@ -237,7 +237,7 @@ def shards_command(src: str, out: str, max_res: int, quality: int, workers: int 
           f"({report['seconds_per_1000']:.1f} s per 1,000); skipped {len(report['skipped'])} broken files; "
           f"report: {out}.report.json")
     for s in report["skipped"][:10]:
-        print(f"  skipped: {s['path']}: {s['reason']}", file=sys.stderr)
+        print(f"  skipped: {shown(s['path'])}: {s['reason']}", file=sys.stderr)
     return 0
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mveb.errors import UsageError
-from mveb.files import check_writable, write_atomic
+from mveb.files import check_writable, shown, write_atomic
 
 from .cache import cache_dir, cache_name
 from .images import Sample, decoding_processes, list_image_folder, why_undecodable
@@ -156,7 +156,20 @@ def _verdict(path: str) -> Verdict:
         st = os.stat(path)
     except OSError:
         return -1, -1, why_undecodable(path)
-    return st.st_size, st.st_mtime_ns, why_undecodable(path)
+    return st.st_size, st.st_mtime_ns, why_unlisted(path) or why_undecodable(path)
+
+
+def why_unlisted(path: str) -> str | None:
+    """The fix-list and DALI's file_list are UTF-8 text, one path per line: a name they
+    cannot hold is left out like a broken file, so every backend trains on the same files."""
+    path = os.path.abspath(path)
+    if path.splitlines() != [path]:
+        return "its name holds a line break, which no file list can hold; rename it"
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not UTF-8 (file lists are UTF-8 text); rename it"
+    return None
 
 
 class ScanJournal:
@@ -278,7 +291,7 @@ def validate(src: str | Path, report: str | Path | None = None, fix_list: str | 
           f"in {result.seconds:.1f} s" + (f" ({result.resumed} judged by the scan cut short before)" if result.resumed
                                             else "") + f"; report: {report}" + (f"; fix-list: {fix_list}" if fix_list else ""))
     for path, reason in result.bad[:10]:
-        print(f"  broken: {path}: {reason}")
+        print(f"  broken: {shown(path)}: {reason}")
     if len(result.bad) > 10:
         print(f"  ... and {len(result.bad) - 10} more in the report")
     return result

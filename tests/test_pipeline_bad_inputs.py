@@ -42,7 +42,9 @@ DECODABLE = {
     "b/UPPER.JPEG": (80, 60),
     "b/thin.png": (1, 256),
 }
-BROKEN = {"b/zero_bytes.jpg": "empty", "b/truncated.jpg": "undecodable", "b/not_an_image.jpg": "not an image"}
+BROKEN = {"b/zero_bytes.jpg": "empty", "b/truncated.jpg": "undecodable", "b/not_an_image.jpg": "not an image",
+          # good JPEGs whose names no file list holds (the fix-list and DALI's list once crashed on them)
+          "b/line\nbreak.jpg": "line break", "b/latin\udce9.jpg": "not UTF-8"}
 
 
 def _make_bad_tree(root: Path, photo: Path) -> Path:
@@ -73,6 +75,8 @@ def _make_bad_tree(root: Path, photo: Path) -> Path:
     rgb.save(buf, format="JPEG")
     (root / "b/truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     (root / "b/not_an_image.jpg").write_text("<html>404 not found</html>")
+    for name in ("b/line\nbreak.jpg", "b/latin\udce9.jpg"):  # \udce9: the byte 0xe9 of a Latin-1 name
+        rgb.resize((20, 20)).save(root / name)
     return root
 
 
