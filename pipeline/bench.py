@@ -135,6 +135,8 @@ def bench_loaders(data: str | Path, backends: list[str], batch_size: int = 64, w
         raise UsageError(f"unknown backend(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(BACKENDS)}")
     if not 0 < seconds < math.inf or batch_size < 1:
         raise UsageError("--seconds must be positive and --batch-size at least 1")
+    if workers is not None and workers < 0:
+        raise UsageError(f"--workers must be 0 (torch: decode in this process) or more (unset: one per CPU), got {workers}")
     dev = resolve_device(device)
     data = str(data)
     check_data("torch" if not data.endswith(".beton") else "ffcv", data)

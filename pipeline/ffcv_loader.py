@@ -121,7 +121,7 @@ class FFCVMultiCropLoader:
                              "pass the folder")
         path = Path(data)
         if path.is_dir():
-            path = cached_shard(path, cache_dir, workers)
+            path = cached_shard(path, cache_dir, workers or None)  # data.workers=0: the build may use every CPU
         reader = _open_shard(path)
         self.recipe = recipe
         self.batch_size = batch_size

@@ -184,7 +184,9 @@ def test_image_folder_is_sharded_once_into_the_cache(photo_train: Path, tmp_path
     name = cache_name(photo_train.resolve(), SHARD_MAX_RES, SHARD_QUALITY)
     killed = tmp_path / f".{name}.beton.tmp-99999"  # what a SIGKILLed build leaves
     killed.write_bytes(b"\0" * 4096)
-    ld = FFCVMultiCropLoader(photo_train, RECIPE, 8, cache_dir=tmp_path)
+    # workers=0 (data.workers=0, which the torch loader reads as "decode in the training
+    # process") once failed the build with "--workers must be at least 1"
+    ld = FFCVMultiCropLoader(photo_train, RECIPE, 8, cache_dir=tmp_path, workers=0)
     assert not killed.exists()
     shards = list(tmp_path.glob("*.beton"))
     assert shards == [ld.path] and ld.num_samples == sum(1 for _ in photo_train.rglob("*.jpg"))

@@ -66,6 +66,7 @@ def test_bench_loader_user_errors(photo_train: Path, tmp_path: Path, capsys: pyt
     for args, says in ((["--data", str(tmp_path / "none")], "does not exist"),
                        (["--data", str(photo_train), "--backends", "torch,tf"], "unknown backend"),
                        (["--data", str(photo_train), "--seconds", "0"], "--seconds"),
+                       (["--data", str(photo_train), "--workers", "-1"], "--workers must be 0"),
                        (["--data", str(photo_train), "--device", "gpu"], "unknown device 'gpu'")):
         assert main(["bench", "loader", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
