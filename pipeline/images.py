@@ -153,9 +153,11 @@ def _within(path: str, folder: str) -> bool:
 def read_class_file(path: str | Path) -> list[str]:
     """One class folder name per line (blank lines and # comments ignored)."""
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # -sig: Notepad's byte-order mark
     except OSError as e:
         raise UsageError(f"cannot read class list {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"class list {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     names = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not names:
         raise UsageError(f"class list {path} is empty")

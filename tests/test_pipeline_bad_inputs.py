@@ -198,7 +198,7 @@ def test_shard_holds_every_decodable_image_as_upright_rgb(shard: tuple[Path, dic
 
 def test_limit_and_class_list(bad_tree: Path, tmp_path: Path) -> None:
     classes = tmp_path / "classes.txt"
-    classes.write_text("b\n")
+    classes.write_bytes(b"\xef\xbb\xbfb\r\n")  # as Windows' Notepad saves it: a BOM once made the class "\ufeffb"
     report = build_shard(bad_tree, tmp_path / "b.beton", workers=1, limit=3, classes=classes, progress=False)
     assert report["written"] == 3 and report["classes"] == ["b"]
     assert all(label == 0 for _, label in _shard_images(tmp_path / "b.beton"))
@@ -321,11 +321,13 @@ def test_an_empty_data_path_is_refused(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_shards_cli_rejects_bad_options(bad_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "dup.txt").write_text("a\na\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))  # once a UnicodeDecodeError traceback
     for extra, says in ((["--quality", "0"], "--quality"), (["--max-res", "2"], "--max-res"), (["--limit", "0"], "--limit"),
                         (["--classes", str(tmp_path / "none")], "cannot read class list"),
-                        (["--classes", str(tmp_path / "dup.txt")], "twice")):
+                        (["--classes", str(tmp_path / "dup.txt")], "twice"),
+                        (["--classes", str(tmp_path / "latin1.txt")], "is not UTF-8 text (byte 0xe9 at offset 3)")):
         code, _, err = _mveb(capsys, "shards", "--src", str(bad_tree), "--out", str(tmp_path / "o.beton"), *extra)
-        assert code == 2 and says in err, err
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
     code, _, err = _mveb(capsys, "shards", "--src", str(bad_tree), "--out", str(tmp_path))
     assert code == 2 and "is a folder" in err
     assert not (tmp_path / "o.beton").exists()
