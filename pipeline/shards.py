@@ -118,6 +118,7 @@ def write_beton(out: Path, samples: Sequence[Sample], max_res: int, quality: int
     import ffcv.writer  # noqa: F401 - imported once here (seconds of numba) rather than in the child
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    kept: Path | None = None
     ctx = mp.get_context("fork")
     error = ctx.Array("c", 512, lock=False)
     proc = ctx.Process(target=_write, args=(str(tmp), samples, max_res, quality, workers, progress, error))
@@ -131,7 +132,16 @@ def write_beton(out: Path, samples: Sequence[Sample], max_res: int, quality: int
         if proc.exitcode != 0:
             why = error.value.decode(errors="replace") or f"exit code {proc.exitcode}"
             raise RuntimeError(f"the FFCV writer failed ({why}); nothing was written to {out}")
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError as e:  # an immutable file, another user's in a sticky folder: keep the hours of work
+            kept = out.with_name(f"{out.stem}.new{out.suffix}")
+            try:
+                os.replace(tmp, kept)
+            except OSError:
+                kept = tmp
+            raise RuntimeError(f"the shard is complete but cannot replace {out} ({e.strerror}); "
+                               f"it is kept as {kept}") from None
     finally:
         # Also on Ctrl-C or SIGTERM (scancel): the writer's own group receives neither.
         restore_sigterm()
@@ -140,7 +150,8 @@ def write_beton(out: Path, samples: Sequence[Sample], max_res: int, quality: int
             proc.join()
         if proc.exitcode != 0:  # killed by us or by a failing worker, before it freed its shared memory
             _free_shared_memory(Path(f"{tmp}.shm"))
-        tmp.unlink(missing_ok=True)
+        if kept != tmp:
+            tmp.unlink(missing_ok=True)
         Path(f"{tmp}.shm").unlink(missing_ok=True)
 
 

@@ -221,6 +221,27 @@ def test_a_full_disk_fails_at_once_with_its_reason(photo_train: Path, small_disk
     assert list(disk.iterdir()) == []
 
 
+def test_a_finished_shard_that_cannot_replace_the_old_one_is_kept(photo_train: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The rename at the very end once failed with a PermissionError traceback, after the
+    whole write, and the finished shard was deleted with the temporary files."""
+    out = tmp_path / "t.beton"
+    out.write_bytes(b"an old shard")
+    if subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not possible here (it needs root and a filesystem with attributes)")
+    try:
+        code, _, err = _mveb(capsys, "shards", "--src", str(photo_train), "--out", str(out), "--workers", "2")
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], check=True)
+    kept = tmp_path / "t.new.beton"
+    assert code == 1 and err.strip().splitlines()[-1] == (
+        f"mveb shards: error: the shard is complete but cannot replace {out} (Operation not permitted); "
+        f"it is kept as {kept}"), err
+    assert out.read_bytes() == b"an old shard"
+    check_beton(kept)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.beton", "t.new.beton"]
+
+
 def test_a_file_gone_since_the_scan_fails_at_once_naming_it(photo_train: Path, tmp_path: Path) -> None:
     samples = list_image_folder(photo_train)[1][:4] + [(str(tmp_path / "deleted.jpg"), 0)]
     shm_before = set(os.listdir("/dev/shm"))
