@@ -313,20 +313,23 @@ def test_folder_links_into_the_tree_are_read_once(photo_train: Path, tmp_path: P
                                "another class's folder)"
 
 
-def test_an_unreadable_class_folder_is_an_error_not_an_empty_class(photo_train: Path, tmp_path: Path,
-                                                                    unprivileged: list[str]) -> None:
-    """It once became a class with no images, and validate said all was well."""
+@pytest.mark.parametrize("folder", ["b", "."])
+def test_an_unreadable_folder_is_an_error_not_an_empty_class(folder: str, photo_train: Path, tmp_path: Path,
+                                                              unprivileged: list[str]) -> None:
+    """A class folder once became a class with no images, and validate said all was well;
+    the root was a PermissionError traceback."""
     root = tmp_path / "src"
     for cls in ("a", "b"):
         (root / cls).mkdir(parents=True)
         shutil.copy(sorted(photo_train.rglob("*.jpg"))[0], root / cls / "0.jpg")
-    (root / "b").chmod(0)
+    (root / folder).chmod(0)
     try:
         r = _listing(root, unprivileged)
     finally:
-        (root / "b").chmod(0o755)
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == \
-        f"mveb.errors.UsageError: cannot read {root / 'b'} (Permission denied); its images would be left out", r.stderr
+        (root / folder).chmod(0o755)
+    says = (f"cannot read {root / 'b'} (Permission denied); its images would be left out" if folder == "b"
+            else f"cannot read {root} (Permission denied)")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == f"mveb.errors.UsageError: {says}", r.stderr
 
 
 def test_an_empty_data_path_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
