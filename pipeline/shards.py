@@ -127,7 +127,7 @@ def write_beton(out: Path, samples: Sequence[Sample], max_res: int, quality: int
     try:
         proc.join(timeout_s)
         if proc.is_alive():
-            raise RuntimeError(f"the FFCV writer did not finish within {timeout_s:.0f} s and was killed; "
+            raise RuntimeError(f"the FFCV writer did not finish within {timeout_s:g} s and was killed; "
                                f"nothing was written to {out}")
         if proc.exitcode != 0:
             why = error.value.decode(errors="replace") or f"exit code {proc.exitcode}"
